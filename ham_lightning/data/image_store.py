@@ -1,0 +1,147 @@
+"""Where a split's images live: decoded once into a uint8 array, or decoded per item from files.
+
+Small images (digits, CIFAR-100, Tiny-ImageNet) are decoded once into an ``N x H x W x 3`` uint8 tensor held in
+memory (optionally cached to ``.npy``), so an epoch costs only the transforms. Large images (ImageNet-R, CUB,
+image folders) stay as file paths and are decoded with PIL by the loader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+#: File name extensions read as images (torchvision's ``IMG_EXTENSIONS``), compared lower-case.
+IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def decode_rgb(source: bytes | str | os.PathLike[str], name: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode one image to ``H x W x 3`` uint8 RGB (grey-scale and palette images are converted).
+
+    ``size`` (width, height), when given, resizes images of another size so that they stack. A file that PIL
+    cannot decode raises a `ValueError` naming ``name``.
+    """
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            rgb = image.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(
+            f"Corrupt or unreadable image: {name} ({type(err).__name__}: {err}). Replace or remove this file."
+        ) from err
+    if size is not None and rgb.size != size:
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+    return np.array(rgb, dtype=np.uint8)
+
+
+def decode_many(blobs: Sequence[bytes], names: Sequence[str], size: tuple[int, int]) -> np.ndarray:
+    """Decode encoded images into one ``N x H x W x 3`` uint8 array, on a thread per core (PIL frees the GIL)."""
+    width, height = size
+    out = np.empty((len(blobs), height, width, 3), dtype=np.uint8)
+
+    def decode_range(bounds: tuple[int, int]) -> None:
+        for i in range(*bounds):
+            out[i] = decode_rgb(blobs[i], names[i], size)
+
+    chunk = 512
+    ranges = [(start, min(start + chunk, len(blobs))) for start in range(0, len(blobs), chunk)]
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        list(pool.map(decode_range, ranges))  # list() re-raises the first decoding error
+    return out
+
+
+def verify_image_files(paths: Sequence[str]) -> None:
+    """Open every file's header, so a file that is not an image fails at setup, naming it, not mid-epoch."""
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.size  # noqa: B018 - reading the header is the check
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"Image file listed but missing: {path}.") from err
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ValueError(
+                f"Corrupt or unreadable image: {path} ({type(err).__name__}: {err}). Replace or remove this file."
+            ) from err
+
+
+def fingerprint(parts: Iterable[str | bytes]) -> str:
+    """A short stable hash of what a decoded array was built from (sources, labels, sizes)."""
+    digest = hashlib.sha1()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def cached_array(cache_dir: str | os.PathLike[str] | None, name: str, build: Callable[[], np.ndarray]) -> np.ndarray:
+    """``build()``, or its copy saved as ``cache_dir/name.npy`` by an earlier run.
+
+    The file is written only after ``build`` succeeded, through a temporary file and an atomic rename, so a
+    failed or interrupted decode never leaves a half-written cache behind.
+    """
+    if cache_dir is None:
+        return build()
+    path = Path(cache_dir).expanduser() / f"{name}.npy"
+    if path.is_file():
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            pass  # unreadable cache: rebuild it
+    array = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
+    np.save(tmp, array, allow_pickle=False)
+    os.replace(tmp, path)
+    return array
+
+
+class ImageStore:
+    """Random access to a split's images as uint8 ``3 x H x W`` tensors."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def get(self, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TensorImageStore(ImageStore):
+    """Images decoded once, kept as one ``N x H x W x 3`` uint8 tensor (shared with fork-started workers)."""
+
+    def __init__(self, images: np.ndarray | torch.Tensor) -> None:
+        tensor = torch.as_tensor(images)
+        if tensor.dtype != torch.uint8 or tensor.ndim != 4 or tensor.shape[-1] != 3:
+            raise ValueError(f"expected an N x H x W x 3 uint8 array, got {tuple(tensor.shape)} {tensor.dtype}.")
+        self.images = tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def get(self, index: int) -> torch.Tensor:
+        return self.images[index].permute(2, 0, 1)
+
+
+class FileImageStore(ImageStore):
+    """Images decoded per item from files with PIL."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def get(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        return torch.from_numpy(decode_rgb(path, path)).permute(2, 0, 1)

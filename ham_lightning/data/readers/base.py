@@ -1,0 +1,187 @@
+"""What every data set reader provides, and the split helpers they share.
+
+A reader is built cheaply (it finds the layout and the class list, so a scenario knows its class count before
+any image is read) and then loads one split at a time as labels plus either decoded images or file paths.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from ..image_store import (
+    FileImageStore,
+    ImageStore,
+    TensorImageStore,
+    cached_array,
+    fingerprint,
+    verify_image_files,
+)
+
+Split = Literal["train", "test"]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """Reader settings that come from the datamodule."""
+
+    split_file: str | None = None
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    limit_per_class_train: int | None = None
+    limit_per_class_test: int | None = None
+    download: bool = False
+    verify_images: bool = True
+
+    def limit(self, split: Split) -> int | None:
+        return self.limit_per_class_train if split == "train" else self.limit_per_class_test
+
+
+@dataclass
+class SplitData:
+    """One split as a reader delivers it: original class labels and where the images come from.
+
+    Exactly one way to get pixels: ``images`` (already an ``N x H x W x 3`` uint8 array), ``decode`` (a function
+    returning that array, so it can be cached), or neither (``names`` are file paths decoded per item).
+    """
+
+    labels: np.ndarray
+    names: list[str]
+    images: np.ndarray | None = None
+    decode: Callable[[], np.ndarray] | None = None
+    cache_parts: list[str | bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.labels) != len(self.names):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.names)} images.")
+        if self.images is not None and len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images for {len(self.labels)} labels.")
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None or self.decode is not None
+
+    def to_store(self, cache_dir: str | os.PathLike[str] | None, cache_name: str, verify: bool) -> ImageStore:
+        """Decode (or load from the cache) in-memory splits; check file-backed ones' headers if ``verify``."""
+        if self.images is not None:
+            return TensorImageStore(self.images)
+        if self.decode is not None:
+            key = fingerprint([*self.cache_parts, *self.names, self.labels.tobytes()])
+            return TensorImageStore(cached_array(cache_dir, f"{cache_name}-{key}", self.decode))
+        if verify:
+            verify_image_files(self.names)
+        return FileImageStore(self.names)
+
+
+class DatasetReader(ABC):
+    """Finds a data set on disk and reads its train and test splits.
+
+    Subclasses set the class attributes, find the layout and class names in `_scan`, and implement `load`.
+    """
+
+    name: ClassVar[str]
+    #: The on-disk layout, shown in every error about a missing or malformed data set.
+    layout: ClassVar[str]
+    needs_root: ClassVar[bool] = True
+    default_image_size: ClassVar[int] = 224
+    default_num_tasks: ClassVar[int] = 10
+    default_crop_pct: ClassVar[float | None] = None
+    train_crop: ClassVar[str] = "resized"
+    hflip: ClassVar[bool] = True
+
+    def __init__(self, root: str | os.PathLike[str] | None, options: ReadOptions | None = None) -> None:
+        self.options = options or ReadOptions()
+        if root is None and self.needs_root:
+            raise ValueError(f"dataset={self.name!r} needs root, the folder that holds it. Expected layout: "
+                             f"{self.layout}")
+        self.root = Path(root).expanduser() if root is not None else None
+        if self.root is not None and self.needs_root and not self.root.exists() and not self.options.download:
+            raise self.missing(f"root {self.root} does not exist")
+        #: Class names in the data set's own (natural) order; None until loaded when a download is pending.
+        self.class_names: list[str] | None = None
+        self.num_classes: int = 0
+        #: Which train/test split is used: official, split_file, folders or seeded_<train>_<test>.
+        self.split: str = "official"
+        self._scan()
+
+    @abstractmethod
+    def _scan(self) -> None:
+        """Find the layout and set ``class_names``, ``num_classes`` and ``split``; raise if it is not there."""
+
+    @abstractmethod
+    def load(self, split: Split) -> SplitData:
+        """Read one split (labels are original class indices, ``0..num_classes-1``)."""
+
+    def prepare(self) -> None:  # noqa: B027 - optional hook, most readers have nothing to download
+        """Download what is missing where the reader can (``download=True``); by default nothing to do."""
+
+    @property
+    def source(self) -> str:
+        """The resolved location of the data (for hyper-parameters and cache keys)."""
+        return str(self.root) if self.root is not None else self.name
+
+    def missing(self, what: str) -> FileNotFoundError:
+        return FileNotFoundError(f"{self.name}: {what}. Expected layout: {self.layout}")
+
+    def _set_classes(self, names: Sequence[str]) -> None:
+        if not names:
+            raise self.missing(f"no classes found under {self.root}")
+        self.class_names = list(names)
+        self.num_classes = len(names)
+
+    def _select(self, split: Split, labels: np.ndarray) -> np.ndarray:
+        """Positions kept after the per-class cap of ``split`` (the first N of each class, in reader order)."""
+        return first_per_class(labels, self.options.limit(split))
+
+
+def first_per_class(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    """Positions of the first ``limit`` samples of every class, in their original order (all if None)."""
+    labels = np.asarray(labels)
+    if limit is None:
+        return np.arange(len(labels))
+    keep = np.zeros(len(labels), dtype=bool)
+    for cls in np.unique(labels):
+        keep[np.flatnonzero(labels == cls)[:limit]] = True
+    return np.flatnonzero(keep)
+
+
+def seeded_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic per-class split: ``round(n * test_fraction)`` random samples of each class go to test.
+
+    Every class with at least two samples keeps one in each split. Positions come back sorted, so the readers'
+    order (and "the first N per class") survives the split.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+    labels = np.asarray(labels)
+    rng = np.random.RandomState(seed)
+    test = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        n_test = int(round(len(members) * test_fraction))
+        if len(members) >= 2:
+            n_test = min(max(n_test, 1), len(members) - 1)
+        test.append(rng.permutation(members)[:n_test])
+    test_idx = np.sort(np.concatenate(test)) if test else np.empty(0, dtype=np.int64)
+    train_mask = np.ones(len(labels), dtype=bool)
+    train_mask[test_idx] = False
+    return np.flatnonzero(train_mask), test_idx
+
+
+def seeded_split_name(test_fraction: float) -> str:
+    """``seeded_80_20`` for ``test_fraction=0.2``."""
+    test = round(100 * test_fraction)
+    return f"seeded_{100 - test}_{test}"
+
+
+def natural_key(text: str) -> list[int | str]:
+    """Sort key that orders ``img_2`` before ``img_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

@@ -1,0 +1,101 @@
+"""Class-per-folder trees (``<dir>/<class>/*``): listing, pre-split ``train/`` ``test/`` and split files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..image_store import IMG_EXTENSIONS, is_image_file
+from .base import natural_key
+
+
+def class_dirs(directory: Path) -> list[str]:
+    """Sorted names of the sub-folders of ``directory`` (hidden ones skipped), as torchvision's ImageFolder."""
+    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+
+
+def presplit_dirs(directory: Path) -> tuple[Path, Path] | None:
+    """``(directory/train, directory/test)`` when both exist."""
+    train, test = directory / "train", directory / "test"
+    return (train, test) if train.is_dir() and test.is_dir() else None
+
+
+def list_images(folder: Path) -> list[str]:
+    """Image files under ``folder`` (recursively), in natural order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames if is_image_file(f) and not f.startswith(".")]
+    return sorted(found, key=natural_key)
+
+
+def scan_classes(directory: Path, class_names: list[str], dataset: str) -> tuple[list[str], np.ndarray]:
+    """All image paths under ``directory/<class>/`` with the class's index; an empty class folder is an error."""
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(class_names):
+        folder = directory / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{dataset}: class folder {folder} is missing.")
+        files = list_images(folder)
+        if not files:
+            raise ValueError(
+                f"{dataset}: class folder {folder} has no images (looked for {', '.join(IMG_EXTENSIONS)}). "
+                "Add its images or remove the folder."
+            )
+        paths += files
+        labels += [label] * len(files)
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def check_same_classes(train_dir: Path, test_dir: Path, dataset: str) -> list[str]:
+    """The class list of a pre-split tree; ``train/`` and ``test/`` must hold the same class folders."""
+    train, test = class_dirs(train_dir), class_dirs(test_dir)
+    if train != test:
+        only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+        raise ValueError(
+            f"{dataset}: {train_dir} and {test_dir} must hold the same class folders; "
+            f"only in train/: {only_train[:10]}, only in test/: {only_test[:10]}."
+        )
+    return train
+
+
+def read_split_file(split_file: str | os.PathLike[str], base: Path) -> tuple[list[str], list[str] | None]:
+    """Relative paths (``<class>/<file>``) of the train images, and of the test images if the file names them.
+
+    Two formats: JSON ``{"train": [...], "test": [...]}``, or text with one training image per line (first
+    whitespace-separated field; a trailing label is ignored, the class is the folder), the rest being test.
+    Paths are relative to ``base`` (a leading ``<base name>/`` or an absolute path under ``base`` is accepted).
+    """
+    path = Path(split_file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"split_file {path} does not exist.")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        try:
+            content = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"split_file {path} is not valid JSON: {err}.") from err
+        if not isinstance(content, dict) or not isinstance(content.get("train"), list) or not isinstance(
+            content.get("test"), list
+        ):
+            raise ValueError(f'split_file {path} must be a JSON object {{"train": [paths], "test": [paths]}}.')
+        return [_relative(p, base) for p in content["train"]], [_relative(p, base) for p in content["test"]]
+    lines = [line.split()[0] for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [_relative(p, base) for p in lines], None
+
+
+def _relative(entry: str, base: Path) -> str:
+    entry = str(entry).strip().replace("\\", "/")
+    if os.path.isabs(entry):
+        try:
+            return Path(entry).resolve().relative_to(base.resolve()).as_posix()
+        except ValueError:
+            return entry
+    while entry.startswith("./"):
+        entry = entry[2:]
+    prefix = base.name + "/"
+    return entry[len(prefix):] if entry.startswith(prefix) else entry
