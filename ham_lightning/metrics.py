@@ -68,6 +68,11 @@ def evaluate_tasks(
         stats = MulticlassStatScores(num_classes=num_classes, average="micro").to(device)
         for x, y in _shard(loader):
             logits = logits_fn(x.to(device, non_blocking=True))
+            if logits.shape[-1] != num_classes:
+                raise ValueError(
+                    f"The model returns {logits.shape[-1]} logits but the scenario has {num_classes} classes: give the "
+                    f"model's head num_classes={num_classes} (the datamodule's num_classes)."
+                )
             preds = logits.float().masked_fill(~seen, float("-inf")).argmax(dim=1)
             stats.update(preds, y.to(device))
         tp, _, _, _, support = stats.compute().tolist()  # micro: tp = correct, support = total

@@ -25,7 +25,7 @@ class HAMModule(LightningModule):
         backbone: a timm model name (full weight tag, e.g. ``vit_base_patch16_224.augreg_in21k``) or a module
             returning pooled features.
         num_classes: classes of the whole scenario (the head is allocated up front).
-        ham: the `HAMConfig` (targets, rank, groups, pruning...).
+        ham: the `HAMConfig` (targets, rank, groups, pruning...), or its fields as a dict.
         pretrained: load the backbone's pretrained weights (timm names only).
         backbone_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``img_size``).
         feature_dim: feature size of a module backbone without timm's ``num_features``.
@@ -41,7 +41,7 @@ class HAMModule(LightningModule):
         self,
         backbone: str | nn.Module = "vit_base_patch16_224.augreg_in21k",
         num_classes: int = 100,
-        ham: HAMConfig | None = None,
+        ham: HAMConfig | dict[str, Any] | None = None,
         pretrained: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
         feature_dim: int | None = None,
@@ -53,14 +53,16 @@ class HAMModule(LightningModule):
         head_lr: float | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"] if isinstance(backbone, nn.Module)
-                                  else ["optimizer", "lr_scheduler"])
+        ignore = ["ham", "optimizer", "lr_scheduler"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
+        self.save_hyperparameters(ignore=ignore)
+        self.ham_config = HAMConfig(**ham) if isinstance(ham, dict) else ham or HAMConfig()
+        # A plain dict, so checkpoints load with torch.load(weights_only=True) and load_from_checkpoint works.
+        self.hparams["ham"] = self.ham_config.to_dict()
         if isinstance(backbone, str):
             from ham_lightning.backbones import create_backbone
 
             backbone = create_backbone(backbone, pretrained=pretrained, **(backbone_kwargs or {}))
         self.backbone = backbone
-        self.ham_config = ham or HAMConfig()
         self.ham: HAMController = inject(self.backbone, self.ham_config)
         dim = feature_dim or getattr(self.backbone, "num_features", None)
         if not dim:
