@@ -1,0 +1,80 @@
+"""Add HAM to an existing Lightning project: three changes to your own LightningModule and Trainer.
+
+Your project already has a LightningModule (here `LitClassifier`: a timm backbone + a linear head) and a
+datamodule. To learn a class-incremental sequence with HAM:
+
+1. ``ham_lightning.inject(self.backbone, HAMConfig(...))`` in ``__init__`` (adapters, group slots, frozen backbone);
+2. optionally an ``on_task_start(task, classes)`` method to know the current task's classes (the callback calls
+   it if it exists) -- here used to mask the loss to the current task's logits;
+3. ``HierarchicalMergeCallback()`` in the Trainer's callbacks, and a datamodule that implements
+   `ham_lightning.TaskProtocol` (`ClassIncrementalDataModule` does; so can yours).
+
+Runs on CPU in seconds with a tiny randomly initialised MLP on the digits data set shipped with scikit-learn:
+``python examples/add_ham_to_existing_project.py``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import ham_lightning as hl
+
+
+class LitClassifier(pl.LightningModule):
+    """A plain image classifier, as it might already exist in your project."""
+
+    def __init__(self, num_classes: int, lr: float = 1e-2) -> None:
+        super().__init__()
+        # Any nn.Module works; a timm ViT would take target_modules=["qkv", "fc1", "fc2"] the same way.
+        self.backbone = nn.Sequential(OrderedDict(flatten=nn.Flatten(), fc1=nn.Linear(3 * 16 * 16, 256),
+                                                  act=nn.GELU(), fc2=nn.Linear(256, 128)))
+        self.head = nn.Linear(128, num_classes)
+        self.lr = lr
+        # (1) HAM: LoRA adapters + group slots in fc1 and fc2, the rest of the backbone frozen.
+        self.ham = hl.inject(self.backbone, hl.HAMConfig(target_modules=["fc1", "fc2"], rank=4, max_groups=2))
+        self.register_buffer("current", torch.zeros(num_classes, dtype=torch.bool))
+
+    # (2) Optional: the callback tells the module which classes the new task has.
+    def on_task_start(self, task: int, classes: Sequence[int]) -> None:
+        self.current.zero_()
+        self.current[list(classes)] = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x).masked_fill(~self.current, float("-inf")), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def main(epochs_per_task: int = 2) -> dict[str, Any]:
+    """Train the digits sequence (5 tasks of 2 classes) with one ``trainer.fit`` per task; return the results."""
+    pl.seed_everything(0, verbose=False)
+    data = hl.ClassIncrementalDataModule(dataset="digits", num_tasks=5, batch_size=32, image_size=16)
+    model = LitClassifier(num_classes=data.num_classes)
+    merge = hl.HierarchicalMergeCallback()  # (3) one instance for the whole sequence: it holds its state
+    for _ in range(data.num_tasks):
+        trainer = pl.Trainer(max_epochs=epochs_per_task, callbacks=[merge], accelerator="cpu", logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, datamodule=data)
+    results = merge.results()
+    print(f"accuracy on all 10 digits after 5 tasks: {results['last_accuracy']:.1f}% (chance: 10%) "
+          f"(forgetting {results['forgetting']:.1f}); task -> group: {results['groups']['assignment']}")
+    model.ham.fold()  # zero-cost inference: the merged adapters written into the backbone's weights
+    return results
+
+
+if __name__ == "__main__":
+    main()
