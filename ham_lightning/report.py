@@ -1,0 +1,491 @@
+"""Run report: figures and a Markdown summary of one continual-learning run's ``results.json``.
+
+Pure matplotlib (object-oriented `Figure` API on the Agg canvas, no pyplot, no Lightning): importing this module
+never changes the user's backend, figures are not registered with pyplot so none pile up, and it works headless.
+
+* `figures` builds the plots (accuracy matrix, accuracy over tasks, HAM group assignment when present);
+* `write_report` saves them as PNGs next to a ``report.md`` and returns the paths;
+* `summary_lines` is the few lines a CLI prints at the end of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Colormap
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+
+__all__ = ["DPI", "MAX_ANNOTATED_TASKS", "figures", "summary_lines", "write_report"]
+
+#: Resolution of the saved PNGs.
+DPI = 120
+#: Above this many tasks the heat maps drop their per-cell numbers (they would be unreadable).
+MAX_ANNOTATED_TASKS = 20
+
+_ACC_CMAP = "viridis"
+_SIM_CMAP = "RdBu_r"
+_MISSING_COLOR = "#eeeeee"
+
+Results = Mapping[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------------- public API
+
+
+def figures(results: Results) -> dict[str, Figure]:
+    """Figures of a run: ``accuracy_matrix``, ``accuracy_over_tasks`` and, for HAM runs (``results["groups"]``),
+    ``groups``. They are plain `Figure` objects (not pyplot-managed): save with ``fig.savefig``."""
+    out = {
+        "accuracy_matrix": _accuracy_matrix_figure(results),
+        "accuracy_over_tasks": _accuracy_over_tasks_figure(results),
+    }
+    if results.get("groups"):
+        out["groups"] = _groups_figure(results)
+    return out
+
+
+def write_report(results: Results, run_dir: str | Path) -> dict[str, Path]:
+    """Save the figures as ``<key>.png`` and a ``report.md`` linking them into ``run_dir`` (created if needed).
+
+    Returns the written paths by key: the figure keys of `figures` plus ``report``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for key, fig in figures(results).items():
+        path = run_dir / f"{key}.png"
+        fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+        fig.clear()  # release the artists now: a 50-task report holds thousands of them
+        paths[key] = path
+    report = run_dir / "report.md"
+    report.write_text(_markdown(results, {k: p.name for k, p in paths.items()}), encoding="utf-8")
+    paths["report"] = report
+    return paths
+
+
+def summary_lines(results: Results) -> list[str]:
+    """A short human summary (last / average incremental accuracy, forgetting, BWT, groups) for a CLI's last words."""
+    matrix = _matrix(results)
+    title = " ".join(str(x) for x in (results.get("method"), results.get("name") and f"'{results['name']}'") if x)
+    lines = [f"{title + ': ' if title else ''}{len(matrix)} task{'s' if len(matrix) != 1 else ''}"]
+    lines.append(
+        f"last accuracy {_pct(results.get('last_accuracy'))} | "
+        f"average incremental accuracy {_pct(results.get('average_incremental_accuracy'))}"
+    )
+    lines.append(f"forgetting {_pp(results.get('forgetting'))} | BWT {_pp(results.get('bwt'), signed=True)}")
+    groups = results.get("groups")
+    if groups:
+        assignment = list(groups.get("assignment") or [])
+        used = len(set(assignment))
+        shown = " ".join(str(g) for g in assignment[:MAX_ANNOTATED_TASKS])
+        more = " ..." if len(assignment) > MAX_ANNOTATED_TASKS else ""
+        lines.append(f"groups used {used} of {groups.get('max_groups', '?')} (task -> group: {shown}{more})")
+    tasks = results.get("tasks") or []
+    total = _total_time(tasks)
+    peak = _max_or_none(t.get("peak_memory_mb") for t in tasks)
+    if total is not None or peak is not None:
+        lines.append(f"wall time {_duration(total)} | peak memory {_mb(peak)}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------- data access
+
+
+def _matrix(results: Results) -> list[list[float | None]]:
+    """The accuracy matrix as square list of lists (ragged rows padded with None)."""
+    rows = [list(r) for r in (results.get("accuracy_matrix") or [])]
+    size = max([len(rows)] + [len(r) for r in rows])
+    return [r + [None] * (size - len(r)) for r in rows]
+
+
+def _as_array(rows: Sequence[Sequence[float | None]], width: int | None = None) -> np.ndarray:
+    """Rows with None (or missing) entries as a float array with NaN, padded to ``width`` columns."""
+    width = width if width is not None else max([0] + [len(r) for r in rows])
+    out = np.full((len(rows), width), np.nan)
+    for i, row in enumerate(rows):
+        for j, v in enumerate(list(row)[:width]):
+            if v is not None:
+                out[i, j] = float(v)
+    return out
+
+
+def _seen_accuracy(results: Results) -> list[float]:
+    """Accuracy on all classes seen so far after each task: ``incremental_accuracy``, else the tasks' records."""
+    inc = results.get("incremental_accuracy")
+    if inc:
+        return [float(v) for v in inc]
+    return [float(t["accuracy_seen"]) for t in results.get("tasks") or [] if t.get("accuracy_seen") is not None]
+
+
+def _max_or_none(values: Any) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return max(vals) if vals else None
+
+
+def _total_time(tasks: Sequence[Mapping[str, Any]]) -> float | None:
+    vals = [float(t["wall_time_s"]) for t in tasks if t.get("wall_time_s") is not None]
+    return sum(vals) if vals else None
+
+
+# ---------------------------------------------------------------------------------------------------- formatting
+
+
+def _num(v: Any, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{float(v):.{digits}f}"
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None else f"{_num(v)}%"
+
+
+def _pp(v: Any, signed: bool = False) -> str:
+    """Percentage points (forgetting, BWT are differences of accuracies)."""
+    if v is None:
+        return "–"
+    return f"{float(v):+.2f} pp" if signed else f"{float(v):.2f} pp"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {sec:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _mb(v: float | None) -> str:
+    return "–" if v is None else f"{float(v):,.1f} MB"
+
+
+def _count(v: Any) -> str:
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+
+def _run_title(results: Results) -> str:
+    parts = [str(results[k]) for k in ("name", "method") if results.get(k)]
+    if len(parts) == 2 and parts[0] != parts[1]:
+        return f"{parts[0]} ({parts[1]})"
+    return parts[0] if parts else ""
+
+
+# ---------------------------------------------------------------------------------------------------- plotting helpers
+
+
+def _new_figure(width: float, height: float, ncols: int = 1, **gridspec: Any) -> tuple[Figure, list[Axes]]:
+    """A pyplot-free figure on the Agg canvas with ``ncols`` axes and constrained layout."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False, gridspec_kw=gridspec or None)[0]
+    return fig, list(axes)
+
+
+def _cmap(name: str) -> Colormap:
+    return matplotlib.colormaps[name].with_extremes(bad=_MISSING_COLOR)
+
+
+def _task_ticks(ax: Axes, n: int, axis: str) -> None:
+    """Integer task ticks: every task up to MAX_ANNOTATED_TASKS, else a few round numbers."""
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    if n <= MAX_ANNOTATED_TASKS:
+        target.set_ticks(range(n))
+    else:
+        target.set_major_locator(MaxNLocator(nbins=10, integer=True))
+
+
+def _annotate(ax: Axes, data: np.ndarray, cmap: Colormap, vmin: float, vmax: float, fmt: str, size: float) -> None:
+    """Write each finite cell's value, dark or light depending on the cell colour."""
+    for (i, j), v in np.ndenumerate(data):
+        if not np.isfinite(v):
+            continue
+        r, g, b, _ = cmap((v - vmin) / (vmax - vmin) if vmax > vmin else 0.5)
+        light = 0.299 * r + 0.587 * g + 0.114 * b > 0.55
+        ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=size, color="black" if light else "white")
+
+
+def _empty(ax: Axes, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="gray")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _suptitle(fig: Figure, results: Results, what: str) -> None:
+    title = _run_title(results)
+    fig.suptitle(f"{what} — {title}" if title else what, fontsize=12, fontweight="bold")
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+
+
+def _accuracy_matrix_figure(results: Results) -> Figure:
+    """Heat map of A[i][j] (row: after task i, column: task j), numbers in the cells up to 20 tasks."""
+    data = _as_array(_matrix(results))
+    n = data.shape[0]
+    side = min(max(4.5, 0.5 * n + 2.0), 11.0)
+    fig, (ax,) = _new_figure(side + 1.2, side)
+    _suptitle(fig, results, "Accuracy matrix")
+    if n == 0:
+        _empty(ax, "no task evaluated")
+        return fig
+    cmap = _cmap(_ACC_CMAP)
+    image = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=100.0, interpolation="nearest", aspect="equal")
+    if n <= MAX_ANNOTATED_TASKS:
+        _annotate(ax, data, cmap, 0.0, 100.0, ".1f", size=max(5.0, 10.0 - 0.25 * n))
+    _task_ticks(ax, n, "x")
+    _task_ticks(ax, n, "y")
+    ax.set_xlabel("evaluated on task j")
+    ax.set_ylabel("after training task i")
+    ax.set_title(
+        f"last {_pct(results.get('last_accuracy'))} · avg incremental "
+        f"{_pct(results.get('average_incremental_accuracy'))} · forgetting {_pp(results.get('forgetting'))} · "
+        f"BWT {_pp(results.get('bwt'), signed=True)}",
+        fontsize=9, color="dimgray",
+    )
+    fig.colorbar(image, ax=ax, shrink=0.8, label="accuracy (%)")
+    return fig
+
+
+def _accuracy_over_tasks_figure(results: Results) -> Figure:
+    """Left: accuracy on the seen classes after each task, with each task's own curve. Right: each task's accuracy
+    just after it was learned vs at the end (the gap is its forgetting)."""
+    data = _as_array(_matrix(results))
+    seen = _seen_accuracy(results)
+    n = max(data.shape[0], len(seen))
+    fig, (left, right) = _new_figure(12.0, 4.6, ncols=2, width_ratios=[1.25, 1.0])
+    _suptitle(fig, results, "Accuracy over tasks")
+    if n == 0:
+        _empty(left, "no task evaluated")
+        _empty(right, "no task evaluated")
+        return fig
+
+    steps = np.arange(n)
+    cmap = matplotlib.colormaps["plasma"]
+    for j in range(data.shape[1]):
+        col = data[j:, j]
+        if np.isfinite(col).any():
+            left.plot(steps[j:j + len(col)], col, color=cmap(0.85 * j / max(1, n - 1)), lw=1.0,
+                      alpha=0.55 if n <= MAX_ANNOTATED_TASKS else 0.3, zorder=1)
+    handles: list[Line2D] = [Line2D([], [], color=cmap(0.4), lw=1.0, alpha=0.6, label="task j (from when learned)")]
+    if seen:
+        (line,) = left.plot(steps[: len(seen)], seen, color="black", lw=2.4, marker="o" if n <= 30 else None,
+                            ms=4, label="all seen classes", zorder=3)
+        handles.insert(0, line)
+        avg = results.get("average_incremental_accuracy")
+        if avg is not None:
+            handles.append(left.axhline(float(avg), color="black", ls="--", lw=1.0, alpha=0.6,
+                                        label=f"average incremental ({float(avg):.1f}%)"))
+        left.annotate(f"{seen[-1]:.1f}%", (len(seen) - 1, seen[-1]), xytext=(6, 6), textcoords="offset points",
+                      fontsize=9, fontweight="bold")
+    left.set_xlim(-0.5, n - 0.5)
+    left.set_ylim(0, 102)
+    _task_ticks(left, n, "x")
+    left.set_xlabel("after training task")
+    left.set_ylabel("accuracy (%)")
+    left.set_title("accuracy on seen classes", fontsize=10)
+    left.grid(alpha=0.3)
+    left.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.9)
+
+    diag = np.array([data[j, j] if j < data.shape[0] else np.nan for j in range(data.shape[1])])
+    final = data[-1, :] if data.size else np.array([])
+    tasks = np.arange(len(diag))
+    width = 0.4 if len(diag) <= MAX_ANNOTATED_TASKS else 0.45
+    right.bar(tasks - width / 2, diag, width, color="#4c72b0", label="just after learning it")
+    right.bar(tasks + width / 2, final, width, color="#dd8452", label="after the last task")
+    right.set_xlim(-0.7, max(len(diag), 1) - 0.3)
+    right.set_ylim(0, 118)  # headroom for the legend above the bars
+    _task_ticks(right, len(diag), "x")
+    right.set_yticks(range(0, 101, 20))
+    right.set_xlabel("task")
+    right.set_ylabel("accuracy on the task (%)")
+    right.set_title(f"per-task accuracy (forgetting {_pp(results.get('forgetting'))})", fontsize=10)
+    right.grid(axis="y", alpha=0.3)
+    right.legend(loc="upper center", ncols=2, fontsize=8, framealpha=0.9)
+    return fig
+
+
+def _groups_figure(results: Results) -> Figure:
+    """Left: which task joined which group slot (stars: the task opened it). Right: the task-vs-slot cosine
+    similarities before each merge, the joined slot boxed."""
+    groups: Mapping[str, Any] = results["groups"]
+    assignment = [int(g) for g in groups.get("assignment") or []]
+    opened = [bool(o) for o in groups.get("opened") or []] + [False] * len(assignment)
+    sims_rows = groups.get("similarities") or []
+    slots = max([int(groups.get("max_groups") or 0), max(assignment, default=-1) + 1]
+                + [len(r) for r in sims_rows])
+    n = max(len(assignment), len(sims_rows))
+    height = min(max(4.0, 0.2 * n + 2.5), 10.0)
+    fig, (left, right) = _new_figure(12.0, height, ncols=2, width_ratios=[1.0, 1.0])
+    used = len(set(assignment))
+    _suptitle(fig, results, f"HAM groups ({used} of {slots} slots used)")
+    if n == 0 or slots == 0:
+        _empty(left, "no assignment recorded")
+        _empty(right, "no similarity recorded")
+        return fig
+
+    colors = matplotlib.colormaps["tab10" if slots <= 10 else "tab20"]
+    tasks = np.arange(len(assignment))
+    for g in sorted(set(assignment)):
+        idx = tasks[np.array(assignment) == g]
+        left.plot(idx, [g] * len(idx), color=colors(g % colors.N), lw=1.0, alpha=0.35, zorder=1)
+    marker_size = 70 if n <= MAX_ANNOTATED_TASKS else 30
+    for t, g in enumerate(assignment):
+        left.scatter(t, g, s=marker_size * (2.2 if opened[t] else 1.0), marker="*" if opened[t] else "o",
+                     color=colors(g % colors.N), edgecolors="black", linewidths=0.6, zorder=3)
+    left.set_ylim(slots - 0.5, -0.5)
+    left.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(slots, 20)))
+    left.set_xlim(-0.7, max(len(assignment), 1) - 0.3)
+    _task_ticks(left, len(assignment), "x")
+    left.set_xlabel("task")
+    left.set_ylabel("group slot")
+    left.set_title("task → group", fontsize=10)
+    left.grid(alpha=0.3)
+    left.legend(
+        handles=[
+            Line2D([], [], ls="", marker="*", ms=11, color="lightgray", mec="black", label="opened the group"),
+            Line2D([], [], ls="", marker="o", ms=7, color="lightgray", mec="black", label="merged into it"),
+        ],
+        loc="best", fontsize=8, framealpha=0.9,
+    )
+
+    sims = _as_array(sims_rows, width=slots)
+    finite = sims[np.isfinite(sims)]
+    vmin = -1.0 if finite.size == 0 or finite.min() < 0 else 0.0
+    cmap = _cmap(_SIM_CMAP if vmin < 0 else "Blues")
+    image = right.imshow(sims, cmap=cmap, vmin=vmin, vmax=1.0, interpolation="nearest", aspect="auto")
+    if n <= MAX_ANNOTATED_TASKS and slots <= 12:
+        _annotate(right, sims, cmap, vmin, 1.0, ".2f", size=max(5.0, 9.0 - 0.15 * n))
+    for t, g in enumerate(assignment[: sims.shape[0]]):
+        right.add_patch(Rectangle((g - 0.5, t - 0.5), 1, 1, fill=False, lw=1.6,
+                                                     ec="black" if not opened[t] else "#c44e52"))
+    _task_ticks(right, sims.shape[0], "y")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(slots, 20)))
+    right.set_xlabel("group slot")
+    right.set_ylabel("task")
+    right.set_title("cosine similarity with each slot before the merge\n(box: joined slot, red: opened; "
+                    "grey: empty slot)", fontsize=10)
+    fig.colorbar(image, ax=right, shrink=0.85, label="cosine similarity")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------- markdown
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> list[str]:
+    """A Markdown table; ``align`` is one char per column (l/r/c), default left first then right."""
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = {"l": ":---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _markdown(results: Results, images: Mapping[str, str]) -> str:
+    """The report text; ``images`` maps figure keys to file names relative to report.md."""
+    matrix = _matrix(results)
+    tasks = list(results.get("tasks") or [])
+    groups = results.get("groups") or None
+    title = _run_title(results)
+    md: list[str] = [f"# Continual-learning report{': ' + title if title else ''}", ""]
+
+    summary: list[tuple[str, str]] = [
+        ("Tasks", str(len(matrix))),
+        ("Last accuracy", _pct(results.get("last_accuracy"))),
+        ("Average incremental accuracy", _pct(results.get("average_incremental_accuracy"))),
+        ("Forgetting", _pp(results.get("forgetting"))),
+        ("BWT", _pp(results.get("bwt"), signed=True)),
+    ]
+    if groups:
+        assignment = groups.get("assignment") or []
+        summary.append(("Groups used", f"{len(set(assignment))} of {groups.get('max_groups', '?')}"))
+    if _total_time(tasks) is not None:
+        summary.append(("Total wall time", _duration(_total_time(tasks))))
+    peak = _max_or_none(t.get("peak_memory_mb") for t in tasks)
+    if peak is not None:
+        summary.append(("Peak memory", _mb(peak)))
+    md += ["## Summary", "", *_table(["Metric", "Value"], summary), ""]
+
+    captions = {
+        "accuracy_matrix": "Accuracy matrix",
+        "accuracy_over_tasks": "Accuracy over tasks",
+        "groups": "Group assignment and similarities",
+    }
+    if images:
+        md += ["## Figures", ""]
+        for key, name in images.items():
+            md += [f"![{captions.get(key, key)}]({name})", ""]
+
+    if matrix:
+        n = len(matrix)
+        md += ["## Accuracy matrix (%)", "",
+               "Row i: after training task i; column j: accuracy on task j's test set; last column: all seen "
+               "classes.", ""]
+        seen = _seen_accuracy(results)
+        header = ["after task", *[str(j) for j in range(n)], "seen"]
+        rows = [[i, *[_num(v) if v is not None else "" for v in row], _num(seen[i]) if i < len(seen) else "–"]
+                for i, row in enumerate(matrix)]
+        md += [*_table(header, rows), ""]
+
+    if tasks:
+        md += ["## Per task", ""]
+        rows = [[t.get("task", i), _num(t.get("accuracy_seen")), _duration(t.get("wall_time_s")),
+                 _mb(t.get("peak_memory_mb"))] for i, t in enumerate(tasks)]
+        md += [*_table(["Task", "Accuracy on seen classes (%)", "Wall time", "Peak memory"], rows), ""]
+
+    if groups:
+        md += _groups_markdown(groups)
+
+    params = results.get("params")
+    if params:
+        md += ["## Parameters", "", *_table(["Parameters", "Count"], [[k, _count(v)] for k, v in params.items()]),
+               ""]
+
+    config = results.get("config")
+    if config:
+        md += ["## Config", "", "<details><summary>resolved config</summary>", "", "```json",
+               json.dumps(config, indent=2, sort_keys=True, default=str), "```", "", "</details>", ""]
+    return "\n".join(md)
+
+
+def _groups_markdown(groups: Mapping[str, Any]) -> list[str]:
+    """The group-assignment table: one row per task."""
+    assignment = list(groups.get("assignment") or [])
+
+    def at(key: str, i: int) -> Any:
+        values = groups.get(key) or []
+        return values[i] if i < len(values) else None
+
+    rows: list[list[Any]] = []
+    for i, g in enumerate(assignment):
+        sims = at("similarities", i) or []
+        occupied = [(s, k) for k, s in enumerate(sims) if s is not None]
+        best = f"{max(occupied)[0]:.3f} (slot {max(occupied)[1]})" if occupied else "–"
+        joined = sims[g] if g < len(sims) and sims[g] is not None else None
+        opened = at("opened", i)
+        ranks = at("group_ranks", i)
+        rows.append([
+            i, g, "yes" if opened else ("no" if opened is not None else "–"),
+            _num(joined, 3), best, _num(at("importance", i), 3), _num(at("kept_fraction", i), 3),
+            ", ".join(str(r) for r in ranks) if ranks else "–",
+        ])
+    header = ["Task", "Group", "Opened", "Similarity to joined group", "Best similarity (slot)", "Importance",
+              "Kept fraction", "Group ranks after merge"]
+    return ["## Groups", "", f"Maximum groups: {groups.get('max_groups', '?')}; groups used: "
+            f"{len(set(assignment))}. Similarities are cosines with each occupied slot before the merge.", "",
+            *_table(header, rows), ""]
