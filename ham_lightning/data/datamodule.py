@@ -112,6 +112,8 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
         if dataset not in READERS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(READERS)}.")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be an integer in 0..2**32-1 (NumPy's legacy seeding), got {seed!r}.")
 
         self.dataset = dataset
         self.seed = seed
@@ -212,10 +214,14 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         self._reader.prepare()
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the splits ``stage`` needs (all of a split's tasks at once, decoded once); idempotent."""
+        """Load the splits ``stage`` needs (all of a split's tasks at once, decoded once); idempotent.
+
+        All or nothing: if one split fails (a corrupt image, a class without images) none of this call's splits
+        is kept, and a decode cache is only written once its split decoded completely.
+        """
         splits: tuple[Split, ...] = ("train", "test") if stage in (None, "fit") else ("test",)
-        for split in splits:
-            self._split(split)
+        loaded = {split: self._load_split(split) for split in splits if split not in self._splits}
+        self._splits.update(loaded)
 
     def train_dataloader(self) -> DataLoader:
         """The current task's training samples, shuffled by the task's generator (the same loader is returned
@@ -268,15 +274,29 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
 
     def _split(self, split: Split) -> _LoadedSplit:
         if split not in self._splits:
-            data = self._reader.load(split)
-            if self._reader.num_classes != self.num_classes:
-                raise ValueError(f"{self.dataset}: the data set has {self._reader.num_classes} classes, not the "
-                                 f"{self.num_classes} this scenario was built for.")
-            store = data.to_store(self.cache_dir, f"{self.dataset}-{split}", verify=self.verify_images)
-            labels = self._global_of[data.labels]
-            indices = [np.flatnonzero((labels >= r.start) & (labels < r.stop)) for r in self._ranges]
-            self._splits[split] = _LoadedSplit(store, torch.from_numpy(labels), indices)
+            self._splits[split] = self._load_split(split)
         return self._splits[split]
+
+    def _load_split(self, split: Split) -> _LoadedSplit:
+        data = self._reader.load(split)
+        if self._reader.num_classes != self.num_classes:
+            raise ValueError(f"{self.dataset}: the data set has {self._reader.num_classes} classes, not the "
+                             f"{self.num_classes} this scenario was built for.")
+        if len(data.labels) and (data.labels.min() < 0 or data.labels.max() >= self.num_classes):
+            raise ValueError(f"{self.dataset}: the {split} split has labels outside 0..{self.num_classes - 1}.")
+        empty = np.flatnonzero(np.bincount(data.labels, minlength=self.num_classes) == 0).tolist()
+        if empty:
+            names = self._reader.class_names
+            shown = [names[c] if names else c for c in empty[:5]]
+            raise ValueError(
+                f"{self.dataset}: the {split} split ({self._reader.split}) has no image of {len(empty)} class(es), "
+                f"e.g. {shown}; every class needs images in both splits (a class with a single image cannot be "
+                "split)."
+            )
+        store = data.to_store(self.cache_dir, f"{self.dataset}-{split}", verify=self.verify_images)
+        labels = self._global_of[data.labels]
+        indices = [np.flatnonzero((labels >= r.start) & (labels < r.stop)) for r in self._ranges]
+        return _LoadedSplit(store, torch.from_numpy(labels), indices)
 
     def _test_loader(self, task: int) -> DataLoader:
         if task not in self._test_loaders:

@@ -46,6 +46,14 @@ def decode_rgb(source: bytes | str | os.PathLike[str], name: str, size: tuple[in
     return np.array(rgb, dtype=np.uint8)
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's core count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def decode_many(blobs: Sequence[bytes], names: Sequence[str], size: tuple[int, int]) -> np.ndarray:
     """Decode encoded images into one ``N x H x W x 3`` uint8 array, on a thread per core (PIL frees the GIL)."""
     width, height = size
@@ -57,17 +65,19 @@ def decode_many(blobs: Sequence[bytes], names: Sequence[str], size: tuple[int, i
 
     chunk = 512
     ranges = [(start, min(start + chunk, len(blobs))) for start in range(0, len(blobs), chunk)]
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
         list(pool.map(decode_range, ranges))  # list() re-raises the first decoding error
     return out
 
 
 def verify_image_files(paths: Sequence[str]) -> None:
-    """Open every file's header, so a file that is not an image fails at setup, naming it, not mid-epoch."""
+    """Open every file and run PIL's ``verify`` (header, and chunk checksums for PNG), so a file that is not an
+    image fails at setup, naming it, not mid-epoch. A JPEG truncated after a valid header passes here; decoding
+    it later raises an error that names it too."""
     for path in paths:
         try:
             with Image.open(path) as image:
-                image.size  # noqa: B018 - reading the header is the check
+                image.verify()
         except FileNotFoundError as err:
             raise FileNotFoundError(f"Image file listed but missing: {path}.") from err
         except (OSError, SyntaxError, ValueError) as err:

@@ -83,7 +83,12 @@ def _divisors_with_tasks(n: int, first_tasks: int = 0) -> str:
     """Divisors of ``n`` with the task count each gives (plus ``first_tasks`` for an initial task)."""
     if n <= 0:
         return "none"
-    return ", ".join(f"{d} ({n // d + first_tasks} tasks)" for d in range(1, n + 1) if n % d == 0)
+    parts = []
+    for d in range(1, n + 1):
+        if n % d == 0:
+            tasks = n // d + first_tasks
+            parts.append(f"{d} ({tasks} task{'s' if tasks != 1 else ''})")
+    return ", ".join(parts)
 
 
 def _valid_equal_splits(num_classes: int) -> str:

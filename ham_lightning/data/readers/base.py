@@ -50,6 +50,7 @@ class SplitData:
 
     Exactly one way to get pixels: ``images`` (already an ``N x H x W x 3`` uint8 array), ``decode`` (a function
     returning that array, so it can be cached), or neither (``names`` are file paths decoded per item).
+    ``cache_parts`` (and ``cache_stamp()``, called only when a cache is used) identify what ``decode`` reads.
     """
 
     labels: np.ndarray
@@ -57,6 +58,7 @@ class SplitData:
     images: np.ndarray | None = None
     decode: Callable[[], np.ndarray] | None = None
     cache_parts: list[str | bytes] = field(default_factory=list)
+    cache_stamp: Callable[[], list[str | bytes]] | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -74,7 +76,10 @@ class SplitData:
         if self.images is not None:
             return TensorImageStore(self.images)
         if self.decode is not None:
-            key = fingerprint([*self.cache_parts, *self.names, self.labels.tobytes()])
+            if cache_dir is None:
+                return TensorImageStore(self.decode())
+            stamp = self.cache_stamp() if self.cache_stamp is not None else []
+            key = fingerprint([*self.cache_parts, *stamp, *self.names, self.labels.tobytes()])
             return TensorImageStore(cached_array(cache_dir, f"{cache_name}-{key}", self.decode))
         if verify:
             verify_image_files(self.names)

@@ -39,16 +39,28 @@ class Cifar100Reader(DatasetReader):
 
     def _read_meta(self) -> None:
         meta = self._unpickle(self.folder / "meta", "fine_label_names")
-        self._set_classes([str(n) for n in meta["fine_label_names"]])
+        # Python-2 pickles give str names; a copy re-pickled with bytes keys gives bytes names.
+        self._set_classes([n.decode() if isinstance(n, bytes) else str(n) for n in meta["fine_label_names"]])
 
     def prepare(self) -> None:
+        """Fetch and extract the archive with torchvision's downloader (``download=True``) unless it is there.
+
+        On failure nothing is left behind: no partial archive, and no ``root`` folder if this call created it.
+        """
         if all((self.folder / f).is_file() for f in FILES) or not self.options.download:
             return
         assert self.root is not None
+        root_existed = self.root.exists()
+        archive = self.root / CIFAR100.filename
+        archive_existed = archive.exists()
         try:
             download_and_extract_archive(CIFAR100.url, str(self.root), filename=CIFAR100.filename,
                                          md5=CIFAR100.tgz_md5)
         except Exception as err:  # URLError, socket errors, HTTP errors: all mean "fetch it yourself"
+            if not archive_existed:
+                archive.unlink(missing_ok=True)
+            if not root_existed and self.root.is_dir() and not any(self.root.iterdir()):
+                self.root.rmdir()
             raise RuntimeError(
                 f"cifar100: could not download {CIFAR100.url} ({type(err).__name__}: {err}); this machine may have "
                 f"no network access. Download {CIFAR100.filename} elsewhere and extract it into {self.root}, so "
@@ -58,7 +70,9 @@ class Cifar100Reader(DatasetReader):
     def load(self, split: Split) -> SplitData:
         for name in FILES:
             if not (self.folder / name).is_file():
-                raise self.missing(f"{self.folder / name} is missing")
+                hint = "; with download=True, call prepare_data() first (Lightning's Trainer does)" if (
+                    self.options.download) else ""
+                raise self.missing(f"{self.folder / name} is missing{hint}")
         if self.class_names is None:
             self._read_meta()
         entry = self._unpickle(self.folder / split, "data", "fine_labels")
@@ -81,8 +95,10 @@ class Cifar100Reader(DatasetReader):
         try:
             with open(path, "rb") as f:
                 entry = pickle.load(f, encoding="latin1")
-        except (pickle.UnpicklingError, EOFError, ValueError) as err:
-            raise ValueError(f"cifar100: {path} is not a readable CIFAR-100 pickle ({err}).") from err
+        except Exception as err:  # a damaged pickle can fail with almost any exception type
+            raise ValueError(
+                f"cifar100: {path} is not a readable CIFAR-100 pickle ({type(err).__name__}: {err})."
+            ) from err
         if not isinstance(entry, dict):
             raise ValueError(f"cifar100: {path} is not a CIFAR-100 pickle (expected a dict).")
         entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}

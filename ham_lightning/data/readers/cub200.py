@@ -29,6 +29,7 @@ class Cub200Reader(DatasetReader):
     def _scan(self) -> None:
         assert self.root is not None
         self._presplit: tuple[Path, Path] | None = None
+        self._splits: dict[Split, tuple[list[str], np.ndarray]] = {}
         for folder in (self.root / FOLDER, self.root):
             if (folder / "images.txt").is_file():
                 self.folder = folder
@@ -40,6 +41,9 @@ class Cub200Reader(DatasetReader):
                 self._presplit = presplit
                 self.split = "folders"
                 self._set_classes(check_same_classes(*presplit, dataset=self.name))
+                assert self.class_names is not None
+                self._splits = {split: scan_classes(directory, self.class_names, self.name)
+                                for split, directory in zip(("train", "test"), presplit)}
                 return
         raise self.missing(f"found neither {FOLDER}/images.txt nor train/ and test/ folders under {self.root}")
 
@@ -81,24 +85,22 @@ class Cub200Reader(DatasetReader):
         self._set_classes(names)
         if len(label_of) and (label_of.min() < 0 or label_of.max() >= self.num_classes):
             raise ValueError(f"cub200: image_class_labels.txt has labels outside 1..{self.num_classes}.")
-        self._paths = [str(self.folder / "images" / images[i]) for i in ids]
-        self._labels, self._is_train = label_of, train_of
-
-    def load(self, split: Split) -> SplitData:
-        assert self.class_names is not None
-        if self._presplit is not None:
-            paths, labels = scan_classes(self._presplit[0 if split == "train" else 1], self.class_names, self.name)
-        else:
-            mask = self._is_train if split == "train" else ~self._is_train
+        paths = [str(self.folder / "images" / images[i]) for i in ids]
+        absent = [p for p in paths if not Path(p).is_file()]
+        if absent:
+            raise FileNotFoundError(f"cub200: {len(absent)} image(s) listed in images.txt are missing, "
+                                    f"e.g. {absent[:3]}. Expected layout: {self.layout}")
+        self._splits = {}
+        for split, mask in (("train", train_of), ("test", ~train_of)):
             positions = np.flatnonzero(mask)
-            paths, labels = [self._paths[i] for i in positions], self._labels[positions]
-            empty = sorted(set(range(self.num_classes)) - set(labels.tolist()))
+            split_labels = label_of[positions]
+            empty = sorted(set(range(self.num_classes)) - set(split_labels.tolist()))
             if empty:
                 raise ValueError(f"cub200: the official {split} split has no image of class(es) "
-                                 f"{[self.class_names[k] for k in empty[:5]]}; check train_test_split.txt.")
-            absent = [p for p in paths if not Path(p).is_file()]
-            if absent:
-                raise FileNotFoundError(f"cub200: {len(absent)} image(s) listed in images.txt are missing, "
-                                        f"e.g. {absent[:3]}.")
+                                 f"{[names[k] for k in empty[:5]]}; check train_test_split.txt.")
+            self._splits[split] = ([paths[i] for i in positions], split_labels)
+
+    def load(self, split: Split) -> SplitData:
+        paths, labels = self._splits[split]
         positions = self._select(split, labels)
         return SplitData(labels=labels[positions], names=[paths[i] for i in positions])

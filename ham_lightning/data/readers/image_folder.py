@@ -42,6 +42,9 @@ class ImageFolderReader(DatasetReader):
             raise self.missing(f"no class folders under {self.base}")
         self._set_classes(classes)
         self._splits: dict[Split, tuple[list[str], np.ndarray]] | None = None
+        # Listing files is cheap next to decoding them: do it now, so that an empty class folder or a bad
+        # split file fails while the scenario is built, not when training starts.
+        self._index()
 
     @property
     def source(self) -> str:

@@ -82,6 +82,11 @@ class TinyImageNetReader(DatasetReader):
         if len(set(wnids)) != len(wnids):
             raise ValueError(f"tiny_imagenet: {self.tree.describe('wnids.txt')} lists a class twice.")
         self._set_classes(sorted(wnids))
+        # Index both splits now (file names only, no decoding): a class without images or a val file missing
+        # from the annotations fails while the scenario is built.
+        files = self.tree.files()
+        self._indices: dict[Split, tuple[list[str], np.ndarray]] = {
+            "train": self._index("train", files), "test": self._index("test", files)}
 
     def _locate(self) -> _Tree:
         assert self.root is not None
@@ -110,10 +115,9 @@ class TinyImageNetReader(DatasetReader):
     def source(self) -> str:
         return self.tree.describe("")
 
-    def _index(self, split: Split) -> tuple[list[str], np.ndarray]:
+    def _index(self, split: Split, files: list[str]) -> tuple[list[str], np.ndarray]:
         assert self.class_names is not None
         index = {wnid: i for i, wnid in enumerate(self.class_names)}
-        files = self.tree.files()
         if split == "train":
             by_class: dict[str, list[str]] = {wnid: [] for wnid in self.class_names}
             for rel in files:
@@ -148,11 +152,15 @@ class TinyImageNetReader(DatasetReader):
                 raise FileNotFoundError(f"tiny_imagenet: {self.tree.describe(rel)}, listed in "
                                         "val_annotations.txt, is missing.")
             entries.append((rel, index[fields[1]]))
+        missing = sorted(set(self.class_names) - {self.class_names[label] for _, label in entries})
+        if missing:
+            raise ValueError(f"tiny_imagenet: val/val_annotations.txt lists no image of {len(missing)} class(es), "
+                             f"e.g. {missing[:3]}; every wnid needs validation images (the test split).")
         entries.sort(key=lambda e: natural_key(e[0]))
         return [e[0] for e in entries], np.asarray([e[1] for e in entries], dtype=np.int64)
 
     def load(self, split: Split) -> SplitData:
-        rels, labels = self._index(split)
+        rels, labels = self._indices[split]
         positions = self._select(split, labels)
         rels = [rels[i] for i in positions]
         labels = labels[positions]
@@ -166,9 +174,14 @@ class TinyImageNetReader(DatasetReader):
                     out[start:stop] = decode_many([read(r) for r in rels[start:stop]], names[start:stop], SIZE)
             return out
 
-        stat = self.tree.location.stat()
+        def stamp() -> list[str | bytes]:
+            """Size and modification time of the zip, or of every selected file of a folder (a folder's own
+            time does not change when an image inside it is replaced)."""
+            targets = [self.tree.location] if self.tree.is_zip else [self.tree.location / r for r in rels]
+            stats = [os.stat(t) for t in targets]
+            return [f"{st.st_size}:{st.st_mtime_ns}" for st in stats]
+
         return SplitData(
             labels=labels, names=names, decode=decode,
-            cache_parts=[self.name, split, str(self.tree.location.resolve()), str(stat.st_size),
-                         str(stat.st_mtime_ns), f"{SIZE}"],
+            cache_parts=[self.name, split, str(self.tree.location.resolve()), f"{SIZE}"], cache_stamp=stamp,
         )
