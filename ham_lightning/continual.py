@@ -24,6 +24,19 @@ from ham_lightning.metrics import Counts, continual_metrics, evaluate_tasks
 from ham_lightning.task_protocol import TaskProtocol, check_task_protocol
 
 
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory of the task: CUDA allocator peak on a GPU, else the process's peak resident set (monotone)."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_kind": "cuda_allocated"}
+    try:
+        import resource
+
+        return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+                "peak_memory_kind": "process_max_rss"}
+    except ImportError:  # Windows
+        return {"peak_memory_mb": None, "peak_memory_kind": None}
+
+
 class ContinualEvaluation(Callback):
     """Task boundaries, evaluation of every seen task after each one, and the accuracy matrix.
 
@@ -62,7 +75,13 @@ class ContinualEvaluation(Callback):
 
     @property
     def current_task(self) -> int:
+        """The task being trained (``num_tasks`` once the sequence is done)."""
         return self._task
+
+    @property
+    def task_start_epoch(self) -> int:
+        """The trainer epoch at which the current task started in this fit."""
+        return self._task_start_epoch
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _datamodule(self, trainer: Trainer) -> TaskProtocol:
@@ -164,7 +183,7 @@ class ContinualEvaluation(Callback):
         record: dict[str, Any] = {
             "task": task,
             "wall_time_s": time.perf_counter() - self._task_start_time if self._task_start_time else None,
-            "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+            **peak_memory(pl_module.device),
         }
         if self.evaluate:
             seen = [c for t in range(task + 1) for c in dm.task_classes(t)]

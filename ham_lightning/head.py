@@ -9,21 +9,27 @@ import torch
 from torch import Tensor, nn
 
 LogitMask = Literal["current", "seen"]
+HeadKind = Literal["linear", "cosine"]
 
 
 class IncrementalHead(nn.Module):
     """A linear head allocated up front for all classes, with per-task logit masking and frozen finished rows.
 
-    Rows of finished tasks are served from buffers (``frozen_weight``), so no optimizer, weight decay or momentum
+    ``kind="linear"`` is design.md's masked linear head; ``kind="cosine"`` compares normalised features and rows
+    (``scale`` times the cosine), which keeps the logits of old and new tasks on one scale. Rows of finished tasks
+    are served from buffers (``frozen_weight``), so no optimizer, weight decay or momentum
     can move them (design.md: ``freeze_old_rows``). The trainable ``weight`` keeps its shape across tasks.
     """
 
-    def __init__(self, in_features: int, num_classes: int, mask: LogitMask = "current", freeze_old_rows: bool = True):
+    def __init__(self, in_features: int, num_classes: int, mask: LogitMask = "current", freeze_old_rows: bool = True,
+                 kind: HeadKind = "linear", scale: float = 16.0):
         super().__init__()
         if mask not in ("current", "seen"):
             raise ValueError(f"mask must be 'current' or 'seen', got {mask!r}")
-        self.linear = nn.Linear(in_features, num_classes)
-        self.mask, self.freeze_old_rows = mask, freeze_old_rows
+        if kind not in ("linear", "cosine"):
+            raise ValueError(f"kind must be 'linear' or 'cosine', got {kind!r}")
+        self.linear = nn.Linear(in_features, num_classes, bias=kind == "linear")
+        self.mask, self.freeze_old_rows, self.kind, self.scale = mask, freeze_old_rows, kind, scale
         self.register_buffer("frozen_weight", torch.zeros(num_classes, in_features))
         self.register_buffer("frozen_bias", torch.zeros(num_classes))
         self.register_buffer("frozen", torch.zeros(num_classes, dtype=torch.bool))
@@ -49,12 +55,17 @@ class IncrementalHead(nn.Module):
         if self.freeze_old_rows:
             rows = self.current
             self.frozen_weight[rows] = self.linear.weight[rows].to(self.frozen_weight.dtype)
-            self.frozen_bias[rows] = self.linear.bias[rows].to(self.frozen_bias.dtype)
+            if self.linear.bias is not None:
+                self.frozen_bias[rows] = self.linear.bias[rows].to(self.frozen_bias.dtype)
             self.frozen |= rows
 
     def forward(self, features: Tensor) -> Tensor:
-        """Logits over all classes (unmasked)."""
+        """Logits over all classes (unmasked). ``cosine``: ``scale * cos(feature, row)``, so rows trained in
+        different tasks give logits on one scale (less bias towards the newest classes)."""
         weight = torch.where(self.frozen[:, None], self.frozen_weight.to(self.linear.weight.dtype), self.linear.weight)
+        if self.kind == "cosine":
+            return self.scale * nn.functional.linear(nn.functional.normalize(features, dim=-1),
+                                                     nn.functional.normalize(weight, dim=-1))
         bias = torch.where(self.frozen, self.frozen_bias.to(self.linear.bias.dtype), self.linear.bias)
         return nn.functional.linear(features, weight, bias)
 

@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from ham_lightning.config import HAMConfig
 from ham_lightning.controller import HAMController, inject
-from ham_lightning.head import IncrementalHead, LogitMask
+from ham_lightning.head import HeadKind, IncrementalHead, LogitMask
 
 
 class HAMModule(LightningModule):
@@ -29,6 +29,9 @@ class HAMModule(LightningModule):
         pretrained: load the backbone's pretrained weights (timm names only).
         backbone_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``img_size``).
         feature_dim: feature size of a module backbone without timm's ``num_features``.
+        head: ``linear`` (design.md's masked linear head) or ``cosine`` (normalised features and rows, times
+            ``head_scale``: old and new tasks' logits on one scale).
+        head_scale: the cosine head's logit scale.
         head_mask: train on the current task's logits only (``current``) or on all seen classes (``seen``).
         freeze_old_rows: freeze head rows of finished tasks.
         freeze_norm: keep BatchNorm layers in eval mode (frozen running statistics) while training.
@@ -41,10 +44,12 @@ class HAMModule(LightningModule):
         self,
         backbone: str | nn.Module = "vit_base_patch16_224.augreg_in21k",
         num_classes: int = 100,
-        ham: HAMConfig | dict[str, Any] | None = None,
+        ham: HAMConfig | None = None,
         pretrained: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
         feature_dim: int | None = None,
+        head: HeadKind = "linear",
+        head_scale: float = 16.0,
         head_mask: LogitMask = "current",
         freeze_old_rows: bool = True,
         freeze_norm: bool = True,
@@ -70,7 +75,8 @@ class HAMModule(LightningModule):
                 f"Cannot tell the feature size of {type(self.backbone).__name__}: pass feature_dim= (the size of "
                 "the pooled features its forward returns)."
             )
-        self.head = IncrementalHead(int(dim), num_classes, mask=head_mask, freeze_old_rows=freeze_old_rows)
+        self.head = IncrementalHead(int(dim), num_classes, mask=head_mask, freeze_old_rows=freeze_old_rows, kind=head,
+                                    scale=head_scale)
         self.freeze_norm = freeze_norm
         self.optimizer_factory, self.lr_scheduler_factory, self.head_lr = optimizer, lr_scheduler, head_lr
         self.task = 0

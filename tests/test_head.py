@@ -55,3 +55,18 @@ def test_bad_arguments() -> None:
         IncrementalHead(4, 4, mask="all")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="out of range for a head of 4 classes"):
         IncrementalHead(4, 4).start_task([3, 4])
+
+
+def test_cosine_head_scale_and_frozen_rows() -> None:
+    torch.manual_seed(0)
+    head = IncrementalHead(4, 4, kind="cosine", scale=10.0)
+    assert head.linear.bias is None
+    head.start_task([0, 1])
+    head.end_task()
+    x = torch.randn(6, 4) * 100  # the logits do not grow with the features' norm
+    logits = head(x)
+    assert logits.abs().max() <= 10.0 + 1e-5
+    expected = 10.0 * torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(head.linear.weight, dim=1).T
+    torch.testing.assert_close(logits, expected)
+    with pytest.raises(ValueError, match="kind must be 'linear' or 'cosine'"):
+        IncrementalHead(4, 4, kind="mlp")  # type: ignore[arg-type]
