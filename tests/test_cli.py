@@ -56,6 +56,13 @@ def test_fit_writes_results_report_plots_and_offline_wandb(tmp_path: Path) -> No
     assert list(run.rglob("metrics.csv")), "no CSV log"
     assert (run / "checkpoints" / "last.ckpt").exists()
 
+    # `test` on the final checkpoint re-evaluates every task: the accuracy matrix's last row.
+    tested = cli(["test", *TINY, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--run_name=tiny-test",
+                  f"--runs_dir={tmp_path / 'runs'}"])
+    metrics = tested.trainer.callback_metrics
+    for j in range(T):
+        assert 100 * float(metrics[f"test/acc_task_{j}"]) == pytest.approx(final[j], abs=1e-4)
+
 
 def test_config_errors_fail_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
