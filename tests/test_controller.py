@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import perturb, tiny_efficientnet, tiny_vit
+from helpers import perturb, tiny_efficientnet, tiny_vit
 from peft import PeftModel
 from torch import nn
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised timm models and helpers."""
+"""Shared helpers: tiny randomly initialised timm models (a module, not a conftest: tests/data has its own conftest)."""
 
 from __future__ import annotations
 
