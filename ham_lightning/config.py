@@ -8,6 +8,9 @@ from typing import Any, Literal
 PruneMode = Literal["magnitude", "rank", "none"]
 Granularity = Literal["adapter", "layer"]
 SimilarityReduction = Literal["concat", "layer_mean"]
+#: What happens at a task boundary: HAM's hierarchical merge, or one of the baselines (docs/results.md).
+Method = Literal["ham", "seq_lora", "merge_sum", "merge_average", "merge_ties", "ncm"]
+METHODS: tuple[str, ...] = ("ham", "seq_lora", "merge_sum", "merge_average", "merge_ties", "ncm")
 
 #: ViT-B/16 targets of the authors' related code (LoRA on attention qkv and the MLP).
 DEFAULT_TARGETS: tuple[str, ...] = ("qkv", "fc1", "fc2")
@@ -61,6 +64,12 @@ class HAMConfig:
     train_importance: bool = field(default=True, metadata={"help": "Learn the importance scalar a_t."})
     train_group_scalars: bool = field(default=True, metadata={"help": "Learn the group scalars c_g."})
     seed: int = field(default=0, metadata={"help": "Seed of each new task adapter's A init (seed, task)."})
+    method: Method = field(
+        default="ham",
+        metadata={"help": "Task-boundary rule: ham (hierarchical merge) or a baseline: seq_lora (one adapter kept "
+                          "training), merge_sum (E += D_t), merge_average (E = mean of D_1..D_t), merge_ties (TIES "
+                          "of D_1..D_t, PEFT), ncm (frozen backbone, cosine nearest-class-mean)."},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -84,6 +93,8 @@ class HAMConfig:
             errors.append(f"similarity must be 'concat' or 'layer_mean', got {self.similarity!r}")
         if self.similarity_threshold is not None and not -1.0 <= self.similarity_threshold <= 1.0:
             errors.append(f"similarity_threshold is a cosine, in [-1, 1]; got {self.similarity_threshold}")
+        if self.method not in METHODS:
+            errors.append(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if errors:
             raise ValueError("Invalid HAMConfig: " + "; ".join(errors) + ".")
 

@@ -48,6 +48,8 @@ class HAMController:
         self.config = config
         self.history: list[MergeDecision] = []
         self._folded: dict[str, nn.Module] | None = None
+        #: Every task's delta per layer, kept only by ``method="merge_ties"`` (TIES re-merges all of them).
+        self.task_deltas: dict[str, list[algebra.Factors]] = {}
 
     # -- inspection ---------------------------------------------------------------------------------------------
     @property
@@ -80,10 +82,23 @@ class HAMController:
         return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
 
     def num_parameters(self) -> dict[str, int]:
-        """Counts: trainable HAM parameters, and stored adapter numbers (slot buffers, scalars, active adapter)."""
+        """Counts: trainable HAM parameters, and stored adapter numbers (slot buffers, scalars, active adapter).
+
+        Baselines count what they use: ``seq_lora`` the one adapter (no slots), ``ncm`` nothing (its class means
+        are counted by `HAMModule`), ``merge_ties`` also the stored per-task factors.
+        """
+        method = self.config.method
+        if method == "ncm":
+            return {"trainable": 0, "adapter_stored": 0}
+        if method == "seq_lora":
+            used = [p for p in self.adapter_parameters() + self.scalar_parameters()]
+            return {"trainable": sum(p.numel() for p in used if p.requires_grad),
+                    "adapter_stored": sum(p.numel() for p in used)}
         trainable = sum(p.numel() for p in self.adapter_parameters() + self.scalar_parameters() if p.requires_grad)
         slots = sum(layer.group_A.numel() + layer.group_B.numel() for layer in self.layers.values())
         stored = slots + sum(p.numel() for p in self.adapter_parameters() + self.scalar_parameters())
+        if method == "merge_ties":
+            stored += sum(b.numel() + a.numel() for deltas in self.task_deltas.values() for b, a in deltas)
         return {"trainable": trainable, "adapter_stored": stored}
 
     def named_layers(self) -> Iterator[tuple[str, HAMLayer]]:
@@ -119,6 +134,10 @@ class HAMController:
         """Similarity, assignment, prune, scale, merge into a slot, reset the active adapter (design.md steps 1-7)."""
         if self._folded is not None:
             raise RuntimeError("end_task() on a folded model: call unfold() first.")
+        if self.config.method != "ham":
+            from ham_lightning import baselines
+
+            return baselines.end_task(self)
         cfg = self.config
         sims = self.similarities()
         g, opened = self._choose_group(sims)
@@ -209,11 +228,16 @@ class HAMController:
             for key, value in layer.state_dict().items():
                 if not key.startswith("base."):
                     tensors[f"{name}.{key}"] = value.detach().clone()
-        return {"config": self.config.to_dict(), "history": [d.to_dict() for d in self.history], "tensors": tensors}
+        state = {"config": self.config.to_dict(), "history": [d.to_dict() for d in self.history], "tensors": tensors}
+        if self.task_deltas:
+            state["task_deltas"] = {k: [(b.clone(), a.clone()) for b, a in v] for k, v in self.task_deltas.items()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned; the tensors part may be absent (Lightning restores the model)."""
         self.history = [MergeDecision(**d) for d in state.get("history", [])]
+        if "task_deltas" in state:
+            self.task_deltas = {k: [(b.clone(), a.clone()) for b, a in v] for k, v in state["task_deltas"].items()}
         tensors = state.get("tensors")
         if tensors:
             with torch.no_grad():

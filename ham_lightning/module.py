@@ -80,11 +80,47 @@ class HAMModule(LightningModule):
         self.freeze_norm = freeze_norm
         self.optimizer_factory, self.lr_scheduler_factory, self.head_lr = optimizer, lr_scheduler, head_lr
         self.task = 0
+        if self.ham_config.method == "ncm":
+            self._setup_ncm(int(dim), num_classes)
+
+    # -- ncm baseline (HAMConfig.method="ncm") ------------------------------------------------------------------
+    @property
+    def method_name(self) -> str:
+        """The method this module runs (``HAMConfig.method``), recorded in results.json."""
+        return self.ham_config.method
+
+    @property
+    def is_ncm(self) -> bool:
+        return self.ham_config.method == "ncm"
+
+    def _setup_ncm(self, dim: int, num_classes: int) -> None:
+        """Frozen everything; class sums and counts of the frozen backbone's features; no optimizer."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("ncm_sum", torch.zeros(num_classes, dim))
+        self.register_buffer("ncm_count", torch.zeros(num_classes))
+        self.automatic_optimization = False
+
+    def ncm_logits(self, features: Tensor) -> Tensor:
+        """``head_scale * cos(feature, class mean)``; classes without a mean get ``-inf``."""
+        means = self.ncm_sum / self.ncm_count.clamp_min(1.0)[:, None]
+        logits = F.linear(F.normalize(features.float(), dim=-1), F.normalize(means, dim=-1)) * self.hparams.head_scale
+        return logits.masked_fill(self.ncm_count == 0, float("-inf"))
+
+    @torch.no_grad()
+    def _ncm_accumulate(self, x: Tensor, y: Tensor) -> None:
+        self.backbone.eval()  # features as at test time (no dropout / drop-path, frozen BatchNorm)
+        features = self.backbone(x).float()
+        self.train(True)
+        self.ncm_sum.index_add_(0, y, features)
+        self.ncm_count.index_add_(0, y, torch.ones_like(y, dtype=self.ncm_count.dtype))
 
     # -- model --------------------------------------------------------------------------------------------------
     @override
     def forward(self, x: Tensor) -> Tensor:
         """Logits over every class of the scenario (unmasked)."""
+        if self.is_ncm:
+            return self.ncm_logits(self.backbone(x))
         return self.head(self.backbone(x))
 
     @override
@@ -108,6 +144,9 @@ class HAMModule(LightningModule):
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        if self.is_ncm:
+            self._ncm_accumulate(x, y)
+            return None  # type: ignore[return-value]
         logits = self.head.train_logits(self(x))
         loss = F.cross_entropy(logits.float(), y)
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
@@ -131,6 +170,8 @@ class HAMModule(LightningModule):
     # -- optimisation -------------------------------------------------------------------------------------------
     @override
     def configure_optimizers(self) -> Any:
+        if self.is_ncm:
+            return None  # nothing trains: the class means are accumulated in training_step
         scalars = [p for p in self.ham.scalar_parameters() if p.requires_grad]
         scalar_ids = {id(p) for p in scalars}
         head = [p for p in self.head.parameters() if p.requires_grad]

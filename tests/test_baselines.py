@@ -1,0 +1,152 @@
+"""Baselines (HAMConfig.method): each boundary rule checked numerically on tiny layers, ncm, and in Lightning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toy import MLPBackbone, ToyTaskData, quiet_trainer, toy_model
+
+import ham_lightning as hl
+from ham_lightning import baselines
+from ham_lightning.controller import HAMController
+
+
+def tiny(method: str, group_rank: int = 8, **kwargs) -> HAMController:
+    torch.manual_seed(0)
+    config = hl.HAMConfig(target_modules=["fc1", "fc2"], rank=2, max_groups=1, group_rank=group_rank,
+                          method=method, **kwargs)
+    return hl.inject(MLPBackbone(), config)
+
+
+def train_fake(controller: HAMController, seed: int) -> dict[str, torch.Tensor]:
+    """Give every active adapter a random B (as if trained); return each layer's dense task delta."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    with torch.no_grad():
+        for name, layer in controller.layers.items():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+            out[name] = (layer.lora_B @ layer.lora_A).clone()
+    return out
+
+
+def slot(controller: HAMController, name: str) -> torch.Tensor:
+    B, A = controller.layers[name].group_delta(0)
+    return B @ A
+
+
+@pytest.mark.parametrize("method", ["merge_sum", "merge_average"])
+def test_sum_and_average_of_task_deltas(method: str) -> None:
+    ctl = tiny(method)
+    deltas = []
+    for t in range(3):
+        deltas.append(train_fake(ctl, t))
+        ctl.end_task()
+        assert all(float(layer.lora_B.detach().abs().sum()) == 0 for layer in ctl.layers.values())  # fresh adapter
+    for name in ctl.layers:
+        total = sum(d[name] for d in deltas)
+        expected = total if method == "merge_sum" else total / 3
+        torch.testing.assert_close(slot(ctl, name), expected, rtol=1e-4, atol=1e-5)  # rank 6 <= cap 8: exact
+    assert ctl.assignments == [0, 0, 0] and ctl.history[0].opened and not ctl.history[1].opened
+
+
+def test_merge_sum_caps_the_rank_by_svd() -> None:
+    ctl = tiny("merge_sum", group_rank=2)
+    deltas = [train_fake(ctl, 0)]
+    ctl.end_task()
+    deltas.append(train_fake(ctl, 1))
+    ctl.end_task()
+    B, A = ctl.layers["fc1"].slot_factors(0)
+    assert B.shape[1] == 2
+    U, S, Vh = torch.linalg.svd(deltas[0]["fc1"] + deltas[1]["fc1"])
+    torch.testing.assert_close(B @ A, (U[:, :2] * S[:2]) @ Vh[:2], rtol=1e-4, atol=1e-4)
+
+
+def test_merge_absorbs_the_group_scalar() -> None:
+    ctl = tiny("merge_average")
+    d0 = train_fake(ctl, 0)
+    ctl.end_task()
+    with torch.no_grad():
+        ctl.layers["fc1"].group_scalars[0] = 0.5  # shared by all layers (scalar_granularity="adapter")
+    d1 = train_fake(ctl, 1)
+    ctl.end_task()
+    torch.testing.assert_close(slot(ctl, "fc1"), (0.5 * d0["fc1"] + d1["fc1"]) / 2, rtol=1e-4, atol=1e-5)
+
+
+def test_ties_matches_peft_on_dense_deltas() -> None:
+    from peft.utils.merge_utils import ties
+
+    ctl = tiny("merge_ties", group_rank=32, density=0.4)  # cap >= full rank: the re-factorisation is exact
+    deltas = []
+    for t in range(3):
+        deltas.append(train_fake(ctl, 10 + t))
+        ctl.end_task()
+    for name in ctl.layers:
+        expected = ties([d[name] for d in deltas], torch.ones(3), 0.4, majority_sign_method="total")
+        torch.testing.assert_close(slot(ctl, name), expected, rtol=1e-4, atol=1e-5)
+    assert len(ctl.task_deltas["fc1"]) == 3
+    assert ctl.num_parameters()["adapter_stored"] > tiny("merge_sum", group_rank=32).num_parameters()["adapter_stored"]
+
+
+def test_seq_lora_keeps_the_adapter_and_merges_nothing() -> None:
+    ctl = tiny("seq_lora")
+    train_fake(ctl, 0)
+    before = {n: (layer.lora_A.clone(), layer.lora_B.clone()) for n, layer in ctl.layers.items()}
+    ctl.end_task()
+    for n, layer in ctl.layers.items():
+        torch.testing.assert_close(layer.lora_A, before[n][0], rtol=0, atol=0)
+        torch.testing.assert_close(layer.lora_B, before[n][1], rtol=0, atol=0)
+    assert ctl.occupied == [False] and ctl.num_tasks_merged == 1
+    counts = ctl.num_parameters()
+    assert counts["adapter_stored"] == sum(p.numel() for p in ctl.adapter_parameters() + ctl.scalar_parameters())
+
+
+def test_unknown_method_is_rejected() -> None:
+    with pytest.raises(ValueError, match="method"):
+        hl.HAMConfig(method="nope")  # type: ignore[arg-type]
+
+
+def test_ncm_predicts_the_nearest_prototype() -> None:
+    torch.manual_seed(0)
+    model = toy_model(max_groups=1, num_classes=3, method="ncm")
+    assert not any(p.requires_grad for p in model.parameters())
+    x = torch.randn(6, 24)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    model.head.start_task([0, 1, 2])
+    model._ncm_accumulate(x, y)
+    with torch.no_grad():
+        feats = torch.nn.functional.normalize(model.backbone.eval()(x), dim=-1)
+        means = torch.stack([model.backbone(x[y == c]).mean(0) for c in range(3)])
+        expected = (feats @ torch.nn.functional.normalize(means, dim=-1).T).argmax(1)
+        got = model.head.eval_logits(model(x)).argmax(1)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("method", ["seq_lora", "merge_sum", "merge_average", "merge_ties", "ncm"])
+def test_every_method_runs_a_sequence_in_lightning(method: str) -> None:
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0, verbose=False)
+    model, dm = toy_model(max_groups=1, method=method), ToyTaskData(epochs_per_task=1)
+    callback = hl.HierarchicalMergeCallback()
+    quiet_trainer(max_epochs=3, reload_dataloaders_every_n_epochs=1, callbacks=[callback]).fit(model, dm)
+    results = callback.results()
+    assert len(results["accuracy_matrix"]) == 3
+    assert all(results["accuracy_matrix"][i][i] is not None for i in range(3))
+    assert len(model.ham.history) == 3
+    if method == "ncm":
+        assert int(model.ncm_count.sum()) == 6 * 48
+        assert results["last_accuracy"] > 80  # separable Gaussian clusters: class means nearly solve it
+    elif method == "seq_lora":
+        assert float(model.ham.layers["fc1"].lora_B.detach().abs().sum()) > 0  # never reset
+    else:
+        assert model.ham.occupied == [True]
+
+
+def test_baseline_helpers() -> None:
+    E = (torch.randn(5, 2), torch.randn(2, 4))
+    D = (torch.randn(5, 2), torch.randn(2, 4))
+    B, A = baselines.merge_average(E, D, 3, 8)
+    torch.testing.assert_close(B @ A, (3 * E[0] @ E[1] + D[0] @ D[1]) / 4, rtol=1e-5, atol=1e-5)
+    dense = torch.randn(5, 4)
+    B, A = baselines.refactor(dense, 4)
+    torch.testing.assert_close(B @ A, dense, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,75 @@
+"""benchmarks/compare.py on a tiny fixture scenario: two methods, two tasks; JSON, table, plots, resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "--model.backbone=vit_tiny_patch16_224", "--model.pretrained=false",
+    '--model.backbone_kwargs={"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}',
+    "--model.ham.target_modules=[qkv, fc1, fc2]", "--model.ham.max_groups=2", "--model.ham.rank=4",
+    "--data.dataset=digits", "--data.image_size=32", "--data.epochs_per_task=1",
+    "--data.limit_per_class_train=8", "--data.limit_per_class_test=4", "--data.batch_size=16",
+    "--trainer.accelerator=cpu", "--trainer.enable_model_summary=false", "--trainer.enable_progress_bar=false",
+]
+
+
+def _load_compare():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = module
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_compare_two_methods_two_tasks_writes_json_table_and_resumes(tmp_path: Path) -> None:
+    compare = _load_compare()
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    argv = ["--methods", "ham", "merge_average", "--num_tasks", "2", "--out", str(out), "--runs_dir", str(runs),
+            "--", *TINY]
+    result = compare.main(argv)
+    data = json.loads((out / "compare.json").read_text())
+    assert data == json.loads(json.dumps(result))
+    rows = data["runs"]["2"]
+    assert [r["method"] for r in rows] == ["ham", "merge_average"]
+    for r in rows:
+        assert 0 <= r["last_accuracy"] <= 100 and len(r["incremental_accuracy"]) == 2
+        assert r["forgetting"] is not None and r["bwt"] is not None
+        assert r["trainable_params"] > 0 and r["stored_params"] > 0 and r["wall_time_s"] > 0
+    per_method = json.loads((out / "T2" / "merge_average.json").read_text())
+    assert per_method["config"]["model"]["ham"]["method"] == "merge_average"
+    assert per_method["config"]["model"]["ham"]["max_groups"] == 1
+    assert len(per_method["accuracy_matrix"]) == 2
+    table = (out / "compare.md").read_text()
+    assert "| method | last acc |" in table and "| ham |" in table and "| merge_average |" in table
+    assert (out / "accuracy_after_each_task.png").exists()
+    assert list((runs / "T2" / "ham" / "wandb").glob("offline-run-*"))  # each run logged to W&B offline
+
+    # Resume: both methods are done, so nothing runs again and the table is the same.
+    stamp = (out / "T2" / "ham.json").stat().st_mtime_ns
+    compare.main(argv)
+    assert (out / "T2" / "ham.json").stat().st_mtime_ns == stamp
+    assert (out / "compare.md").read_text() == table
+
+
+def test_method_args_are_known() -> None:
+    compare = _load_compare()
+    assert compare.method_args("ham") == []
+    assert "--data.num_tasks=1" in compare.method_args("joint")
+    with pytest.raises(ValueError):
+        compare.method_args("nope")
