@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import timm
 import torch
 from torch import nn
 
 import ham_lightning
+
+if TYPE_CHECKING:
+    import pytest
 
 
 def tiny_vit(**kwargs) -> nn.Module:
@@ -27,3 +33,11 @@ def perturb(controller: ham_lightning.HAMController, scale: float = 0.1, generat
     """Random changes to every trainable HAM parameter (factors and scalars), as training would make."""
     for p in controller.adapter_parameters() + controller.scalar_parameters():
         p.add_(torch.randn(p.shape, generator=generator) * scale)
+
+
+def offline_wandb(monkeypatch: pytest.MonkeyPatch, workdir: Path) -> None:
+    """W&B offline and silent with no API key, runs written under ``workdir`` (the CLI and compare tests)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.chdir(workdir)

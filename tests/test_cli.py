@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import offline_wandb
 from PIL import Image
 
 from ham_lightning.cli import cli
@@ -24,10 +25,7 @@ TINY = [
 
 @pytest.fixture(autouse=True)
 def _offline_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.chdir(tmp_path)
+    offline_wandb(monkeypatch, tmp_path)
 
 
 def test_fit_writes_results_report_plots_and_offline_wandb(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import offline_wandb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,10 +32,7 @@ def _load_compare():
 
 @pytest.fixture(autouse=True)
 def _offline_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.chdir(tmp_path)
+    offline_wandb(monkeypatch, tmp_path)
 
 
 def test_compare_two_methods_two_tasks_writes_json_table_and_resumes(tmp_path: Path) -> None:
