@@ -20,11 +20,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from ham_lightning.callback import HierarchicalMergeCallback
+from ham_lightning.lightning.callback import HierarchicalMergeCallback
 from ham_lightning.data import ClassIncrementalDataModule
-from ham_lightning.module import HAMModule
-from ham_lightning.progress import TaskProgressBar
-from ham_lightning.run_results import RunResults
+from ham_lightning.lightning.module import HAMModule
+from ham_lightning.lightning.progress import TaskProgressBar
+from ham_lightning.lightning.results import RunResults
 
 #: The quick start's settings when no config is given (the embedded default of README.md).
 QUICKSTART_DEFAULTS: dict[str, Any] = {

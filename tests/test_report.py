@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 import ham_lightning.report as report
-from ham_lightning.metrics import continual_metrics
+from ham_lightning.lightning.evaluation import continual_metrics
 from ham_lightning.report import figures, summary_lines, write_report
 
 PNG_KEYS = {"accuracy_matrix", "accuracy_over_tasks", "groups"}

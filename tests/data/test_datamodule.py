@@ -14,7 +14,7 @@ from torch import nn
 
 from ham_lightning import TaskProtocol
 from ham_lightning.data import ClassIncrementalDataModule
-from ham_lightning.task_protocol import check_task_protocol
+from ham_lightning.lightning.task_protocol import check_task_protocol
 
 
 def digits(**kwargs) -> ClassIncrementalDataModule:

@@ -13,9 +13,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ham_lightning.config import HAMConfig
-from ham_lightning.controller import HAMController, inject
-from ham_lightning.head import HeadKind, IncrementalHead, LogitMask
+from ham_lightning.core.config import HAMConfig
+from ham_lightning.core.controller import HAMController, inject
+from ham_lightning.core.heads import HeadKind, IncrementalHead, LogitMask
 
 
 class HAMModule(LightningModule):
@@ -64,7 +64,7 @@ class HAMModule(LightningModule):
         # A plain dict, so checkpoints load with torch.load(weights_only=True) and load_from_checkpoint works.
         self.hparams["ham"] = self.ham_config.to_dict()
         if isinstance(backbone, str):
-            from ham_lightning.backbones import create_backbone
+            from ham_lightning.core.backbones import create_backbone
 
             backbone = create_backbone(backbone, pretrained=pretrained, **(backbone_kwargs or {}))
         self.backbone = backbone
@@ -190,12 +190,12 @@ class HAMModule(LightningModule):
     # -- export -------------------------------------------------------------------------------------------------
     def export_peft(self, path: str | Path) -> Path:
         """Save the merged delta as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)."""
-        from ham_lightning.export import export_peft
+        from ham_lightning.core.export import export_peft
 
         return export_peft(self.ham, path)
 
     def folded_backbone_state_dict(self) -> dict[str, Tensor]:
         """The backbone's state dict with the merged delta folded in: loads into a plain timm model."""
-        from ham_lightning.export import folded_state_dict
+        from ham_lightning.core.export import folded_state_dict
 
         return folded_state_dict(self.ham)

@@ -136,7 +136,7 @@ def test_logged_boundary_metrics(tmp_path: Path) -> None:
 
 def test_ddp_two_processes_end_with_identical_slots(tmp_path: Path) -> None:
     script = Path(__file__).with_name("ddp_sequence.py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ham_lightning import algebra
+from ham_lightning.core import algebra
 
 
 def _factors(out: int, k: int, inp: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from typing_extensions import override
 
-from ham_lightning.continual import ContinualEvaluation
+from ham_lightning.lightning.sequence import ContinualEvaluation
 
 
 class TaskProgressBar(TQDMProgressBar):

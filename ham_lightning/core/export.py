@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 
-from ham_lightning import algebra
-from ham_lightning.controller import HAMController, _set_submodule
+from ham_lightning.core import algebra
+from ham_lightning.core.controller import HAMController, _set_submodule
 
 
 def plain_model(controller: HAMController) -> nn.Module:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import warnings
 from types import SimpleNamespace
 
-from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from ham_lightning.layer import is_adaptable
+from ham_lightning.core.layer import is_adaptable
 
 
 def _matches(name: str, target_modules: list[str] | str, exclude_modules: list[str] | str | None) -> bool:
     # PEFT's own helper, so `target_modules` / `exclude_modules` mean exactly what they mean in a LoraConfig.
+    # Imported here: peft loads transformers, seconds that `import ham_lightning` should not pay.
+    from peft.tuners.tuners_utils import check_target_module_exists
+
     config = SimpleNamespace(
         target_modules=target_modules, exclude_modules=exclude_modules, target_parameters=None,
         modules_to_save=None, layers_to_transform=None, layers_pattern=None,

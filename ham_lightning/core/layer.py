@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ham_lightning import algebra
+from ham_lightning.core import algebra
 
 
 def _is_compiling() -> bool:

@@ -9,7 +9,7 @@ from peft import PeftModel
 from torch import nn
 
 from ham_lightning import HAMConfig, HAMLayer, inject
-from ham_lightning.export import export_peft, folded_state_dict
+from ham_lightning.core.export import export_peft, folded_state_dict
 
 VIT_TARGETS = ["qkv", "proj", "fc1", "fc2"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ham_lightning.metrics import continual_metrics, evaluate_tasks
+from ham_lightning.lightning.evaluation import continual_metrics, evaluate_tasks
 
 
 def test_metrics_match_protocol_definitions() -> None:

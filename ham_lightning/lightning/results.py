@@ -13,8 +13,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
-from ham_lightning.continual import ContinualEvaluation
-from ham_lightning.controller import find_controller
+from ham_lightning.lightning.sequence import ContinualEvaluation
+from ham_lightning.core.controller import find_controller
 
 
 class RunResults(Callback):

@@ -7,8 +7,8 @@ import torch
 from toy import MLPBackbone, ToyTaskData, quiet_trainer, toy_model
 
 import ham_lightning as hl
-from ham_lightning import baselines
-from ham_lightning.controller import HAMController
+from ham_lightning.core import merge_rules as baselines
+from ham_lightning.core.controller import HAMController
 
 
 def tiny(method: str, group_rank: int = 8, **kwargs) -> HAMController:

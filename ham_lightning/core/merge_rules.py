@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ham_lightning import algebra
+from ham_lightning.core import algebra
 
 if TYPE_CHECKING:
-    from ham_lightning.controller import HAMController, MergeDecision
+    from ham_lightning.core.controller import HAMController, MergeDecision
 
 #: Methods whose merged adapter lives in slot 0.
 MERGING = ("merge_sum", "merge_average", "merge_ties")
@@ -69,7 +69,7 @@ def _cap(B: Tensor, A: Tensor, group_rank: int) -> algebra.Factors:
 @torch.no_grad()
 def end_task(controller: HAMController) -> MergeDecision:
     """The boundary of a baseline method (``controller.config.method``); returns the decision it records."""
-    from ham_lightning.controller import MergeDecision
+    from ham_lightning.core.controller import MergeDecision
 
     cfg = controller.config
     method = cfg.method

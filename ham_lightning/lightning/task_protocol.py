@@ -45,6 +45,6 @@ def check_task_protocol(datamodule: object) -> TaskProtocol:
         raise TypeError(
             f"{type(datamodule).__name__} does not implement ham_lightning.TaskProtocol: missing {missing}. "
             "Use ham_lightning.ClassIncrementalDataModule, or add these members to your datamodule "
-            "(see ham_lightning/task_protocol.py)."
+            "(see ham_lightning/lightning/task_protocol.py)."
         )
     return datamodule  # type: ignore[return-value]

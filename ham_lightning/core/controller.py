@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ham_lightning import algebra
-from ham_lightning.config import HAMConfig
-from ham_lightning.layer import HAMLayer
-from ham_lightning.targets import find_targets
+from ham_lightning.core import algebra
+from ham_lightning.core.config import HAMConfig
+from ham_lightning.core.layer import HAMLayer
+from ham_lightning.core.targets import find_targets
 
 #: A group scalar smaller than this is absorbed into its slot's factors before a merge divides by it.
 _MIN_GROUP_SCALE = 1e-4
@@ -135,7 +135,7 @@ class HAMController:
         if self._folded is not None:
             raise RuntimeError("end_task() on a folded model: call unfold() first.")
         if self.config.method != "ham":
-            from ham_lightning import baselines
+            from ham_lightning.core import merge_rules as baselines
 
             return baselines.end_task(self)
         cfg = self.config

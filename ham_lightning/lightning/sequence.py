@@ -20,8 +20,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from ham_lightning.metrics import Counts, continual_metrics, evaluate_tasks
-from ham_lightning.task_protocol import TaskProtocol, check_task_protocol
+from ham_lightning.lightning.evaluation import Counts, continual_metrics, evaluate_tasks
+from ham_lightning.lightning.task_protocol import TaskProtocol, check_task_protocol
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ham_lightning.head import IncrementalHead
+from ham_lightning.core.heads import IncrementalHead
 
 
 def test_masks_current_and_seen() -> None:
