@@ -64,6 +64,16 @@ class HAMConfig:
     train_importance: bool = field(default=True, metadata={"help": "Learn the importance scalar a_t."})
     train_group_scalars: bool = field(default=True, metadata={"help": "Learn the group scalars c_g."})
     seed: int = field(default=0, metadata={"help": "Seed of each new task adapter's A init (seed, task)."})
+    freeze_norm: bool = field(
+        default=True,
+        metadata={"help": "Keep the backbone's BatchNorm layers in eval mode from the first step (frozen running "
+                          "statistics), whatever calls train()."},
+    )
+    adapt_from: str | None = field(
+        default=None,
+        metadata={"help": "Adapt only modules at and above this block (e.g. 'blocks.5'); everything below is a "
+                          "frozen prefix whose output can be cached. None: adapt every matched module."},
+    )
     method: Method = field(
         default="ham",
         metadata={"help": "Task-boundary rule: ham (hierarchical merge) or a baseline: seq_lora (one adapter kept "

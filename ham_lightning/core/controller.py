@@ -13,6 +13,7 @@ from torch import nn
 from ham_lightning.core import algebra
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.layer import HAMLayer
+from ham_lightning.core.norm import freeze_norm_layers
 from ham_lightning.core.targets import find_targets
 
 #: A group scalar smaller than this is absorbed into its slot's factors before a merge divides by it.
@@ -268,9 +269,11 @@ def inject(model: nn.Module, config: HAMConfig | None = None) -> HAMController:
     config = config or HAMConfig()
     if any(isinstance(m, HAMLayer) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already has HAM layers; inject() once per model.")
-    names = find_targets(model, config.target_modules, config.exclude_modules)
+    names = find_targets(model, config.target_modules, config.exclude_modules, config.adapt_from)
     for p in model.parameters():
         p.requires_grad_(False)
+    if config.freeze_norm:
+        freeze_norm_layers(model)
     device = next(model.parameters()).device
 
     def new_scalars() -> tuple[nn.Parameter, nn.Parameter]:

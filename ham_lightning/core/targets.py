@@ -27,18 +27,38 @@ def _short_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and is_adaptable(m)})
 
 
+def modules_from(model: nn.Module, adapt_from: str) -> set[str]:
+    """Names of ``adapt_from`` and of every module registered after it (``named_modules`` order): the top part.
+
+    In timm models registration order is forward order (stem, ``blocks.0`` .. ``blocks.N``, head), so
+    ``adapt_from="blocks.5"`` selects block 5, the later blocks and the head. Raises if no module has that name.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    if adapt_from not in names:
+        blocks = [n for n in names if n.count(".") == 1 and n.split(".")[0] == "blocks"]
+        raise ValueError(
+            f"adapt_from={adapt_from!r} names no module of {type(model).__name__}; "
+            f"valid block points: {blocks or names[:20]}."
+        )
+    return set(names[names.index(adapt_from):])
+
+
 def find_targets(
-    model: nn.Module, target_modules: list[str] | str, exclude_modules: list[str] | str | None = None
+    model: nn.Module, target_modules: list[str] | str, exclude_modules: list[str] | str | None = None,
+    adapt_from: str | None = None,
 ) -> list[str]:
     """Full names of the modules of ``model`` that HAM adapts, in module order.
+
+    With ``adapt_from``, only modules at and above that block (see `modules_from`) are adapted.
 
     Raises a ``ValueError`` that lists the adaptable module names when nothing matches, or when an entry of a
     list ``target_modules`` matches no module. Matched modules HAM cannot wrap (a conv with a kernel larger than
     1x1, such as a ViT's ``patch_embed.proj``) are skipped with a warning that names them.
     """
     matched, skipped = [], []
+    top = modules_from(model, adapt_from) if adapt_from else None
     for name, module in model.named_modules():
-        if name and _matches(name, target_modules, exclude_modules):
+        if name and (top is None or name in top) and _matches(name, target_modules, exclude_modules):
             (matched if is_adaptable(module) else skipped).append(name)
     if isinstance(target_modules, list):
         unmatched = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in matched + skipped)]
