@@ -1,9 +1,10 @@
-"""`IncrementalHead`: one linear classifier over every class of the scenario, grown task by task."""
+"""Heads over every class of the scenario: trained (`IncrementalHead`) or fitted from class statistics
+(`NCMHead`, `RidgeHead`), chosen by name through a registry (`create_head`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -77,3 +78,181 @@ class IncrementalHead(nn.Module):
     def eval_logits(self, logits: Tensor) -> Tensor:
         """Logits masked to every class seen so far (task-agnostic evaluation)."""
         return logits.masked_fill(~self.seen, float("-inf"))
+
+
+# -- heads that train nothing: class statistics accumulated task by task -----------------------------------------
+class StatisticsHead(nn.Module):
+    """A head fitted in closed form from class statistics of the features, accumulated task by task.
+
+    It never forgets by construction: a finished task's statistics are sums that later tasks only add to.
+    ``update(features, labels)`` accumulates one batch; ``fit()`` solves the head from everything accumulated.
+    The features of a finished task were taken under the backbone of that time (see docs/method.md on drift).
+    """
+
+    #: It needs a statistics pass over each task's training data (features in eval mode) at the task's end.
+    needs_statistics = True
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.in_features, self.num_classes = in_features, num_classes
+        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("current", torch.zeros(num_classes, dtype=torch.bool))
+
+    def start_task(self, classes: Sequence[int]) -> None:
+        index = torch.as_tensor(list(classes), dtype=torch.long, device=self.seen.device)
+        if index.numel() and (index.min() < 0 or index.max() >= self.num_classes):
+            raise ValueError(f"task classes {list(classes)} out of range for a head of {self.num_classes} classes")
+        self.current.zero_()
+        self.current[index] = True
+        self.seen[index] = True
+
+    def end_task(self) -> None:
+        """Nothing to freeze: the statistics of finished classes are only ever added to."""
+
+    def update(self, features: Tensor, labels: Tensor) -> None:
+        raise NotImplementedError
+
+    def fit(self) -> None:
+        raise NotImplementedError
+
+    def train_logits(self, logits: Tensor) -> Tensor:
+        return logits.masked_fill(~self.current, float("-inf"))
+
+    def eval_logits(self, logits: Tensor) -> Tensor:
+        return logits.masked_fill(~self.seen, float("-inf"))
+
+
+class NCMHead(StatisticsHead):
+    """Cosine nearest class mean: ``scale * cos(feature, mean_c)``; classes without a mean get ``-inf``."""
+
+    def __init__(self, in_features: int, num_classes: int, scale: float = 16.0) -> None:
+        super().__init__(in_features, num_classes)
+        self.scale = scale
+        self.register_buffer("class_sum", torch.zeros(num_classes, in_features, dtype=torch.float64))
+        self.register_buffer("class_count", torch.zeros(num_classes, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, features: Tensor, labels: Tensor) -> None:
+        self.class_sum.index_add_(0, labels, features.to(self.class_sum.dtype))
+        self.class_count.index_add_(0, labels, torch.ones_like(labels, dtype=self.class_count.dtype))
+
+    def fit(self) -> None:
+        """Means are read from the sums at every call: nothing to solve."""
+
+    def forward(self, features: Tensor) -> Tensor:
+        means = (self.class_sum / self.class_count.clamp_min(1.0)[:, None]).to(features.dtype)
+        logits = self.scale * nn.functional.linear(nn.functional.normalize(features, dim=-1),
+                                                   nn.functional.normalize(means, dim=-1))
+        return logits.masked_fill(self.class_count == 0, float("-inf"))
+
+
+class RidgeHead(StatisticsHead):
+    """Random-projection ridge classifier (RanPAC-style): ``h = ReLU(f W_rand)``, ``W = (G + lam I)^-1 C``.
+
+    ``W_rand`` (``in x projection``) is fixed and seeded; ``G = sum h^T h`` and ``C = sum h^T onehot(y)`` are summed
+    task by task, so the solution equals a ridge regression on all tasks' features at once (when the features do
+    not change). ``lam`` is chosen at every ``fit`` from ``lambdas`` by the squared error on a held-out part of the
+    training data (``holdout`` of each batch's samples, drawn with a fixed seed), computed from held-out statistics
+    alone (``|hW - t|^2 = tr(W^T G_v W) - 2 tr(W^T C_v) + n``), so no feature is stored; the final solve then uses
+    every sample. Never the test split.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, projection: int = 2048, seed: int = 0,
+                 lambdas: Sequence[float] = tuple(10.0 ** k for k in range(-4, 7)), holdout: float = 0.2) -> None:
+        super().__init__(in_features, num_classes)
+        if projection < 0:
+            raise ValueError(f"projection must be >= 0 (0: no random projection), got {projection}")
+        if not 0.0 < holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+        generator = torch.Generator().manual_seed(seed)
+        dim = projection or in_features
+        self.projection, self.holdout, self.seed = projection, holdout, seed
+        self.lambdas = tuple(float(v) for v in lambdas)
+        self.register_buffer("w_rand", torch.randn(in_features, projection, generator=generator)
+                             if projection else torch.zeros(0))
+        for split in ("fit", "val"):
+            self.register_buffer(f"gram_{split}", torch.zeros(dim, dim, dtype=torch.float64))
+            self.register_buffer(f"targets_{split}", torch.zeros(dim, num_classes, dtype=torch.float64))
+            self.register_buffer(f"count_{split}", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("weight", torch.zeros(dim, num_classes))
+        self.register_buffer("lam", torch.tensor(float("nan")))
+        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+
+    def expand(self, features: Tensor) -> Tensor:
+        """``ReLU(f W_rand)`` (or ``f`` itself with ``projection=0``)."""
+        if not self.projection:
+            return features
+        return torch.relu(features @ self.w_rand.to(features.dtype))
+
+    @torch.no_grad()
+    def update(self, features: Tensor, labels: Tensor) -> None:
+        h = self.expand(features.to(self.w_rand.dtype if self.projection else features.dtype)).double()
+        t = nn.functional.one_hot(labels, self.num_classes).double()
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.batches))
+        val = (torch.rand(labels.shape[0], generator=generator) < self.holdout).to(h.device)
+        self.batches += 1
+        for split, keep in (("fit", ~val), ("val", val)):
+            hk, tk = h[keep], t[keep]
+            getattr(self, f"gram_{split}").add_(hk.T @ hk)
+            getattr(self, f"targets_{split}").add_(hk.T @ tk)
+            getattr(self, f"count_{split}").add_(float(keep.sum()))
+
+    def _solve(self, gram: Tensor, targets: Tensor, lam: float) -> Tensor:
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        return torch.linalg.solve(gram + lam * eye, targets)
+
+    @torch.no_grad()
+    def select_lambda(self) -> float:
+        """The ``lam`` of ``lambdas`` with the least held-out squared error (ties: the larger ``lam``)."""
+        if float(self.count_val) == 0:
+            return max(self.lambdas)
+        errors = []
+        for lam in self.lambdas:
+            W = self._solve(self.gram_fit, self.targets_fit, lam)
+            err = (W * (self.gram_val @ W)).sum() - 2 * (W * self.targets_val).sum() + self.count_val
+            errors.append(float(err))
+        best = min(errors)
+        return max(lam for lam, e in zip(self.lambdas, errors) if e <= best * (1 + 1e-9))
+
+    @torch.no_grad()
+    def fit(self) -> None:
+        lam = self.select_lambda()
+        W = self._solve(self.gram_fit + self.gram_val, self.targets_fit + self.targets_val, lam)
+        self.weight.copy_(W.to(self.weight.dtype))
+        self.lam.fill_(lam)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.expand(features) @ self.weight.to(features.dtype)
+
+
+# -- the registry ------------------------------------------------------------------------------------------------
+HeadFactory = Callable[..., nn.Module]
+_HEADS: dict[str, HeadFactory] = {}
+
+
+def register_head(name: str, factory: HeadFactory) -> None:
+    """Make ``create_head(name, ...)`` build ``factory(in_features, num_classes, **kwargs)``."""
+    _HEADS[name] = factory
+
+
+def list_heads() -> list[str]:
+    return sorted(_HEADS)
+
+
+def create_head(name: str, in_features: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    """A head by registry name: ``linear``, ``cosine`` (trained), ``ncm``, ``ridge`` (class statistics)."""
+    if name not in _HEADS:
+        raise ValueError(f"Unknown head {name!r}; choose one of {', '.join(list_heads())}.")
+    return _HEADS[name](in_features, num_classes, **kwargs)
+
+
+def is_statistics_head(head: nn.Module) -> bool:
+    """Whether ``head`` is fitted from a statistics pass (`StatisticsHead`) rather than trained by gradient."""
+    return bool(getattr(head, "needs_statistics", False))
+
+
+# Every factory takes the common options (mask, freeze_old_rows, scale) and ignores those it has no use for.
+register_head("linear", lambda d, c, **kw: IncrementalHead(d, c, kind="linear", **kw))
+register_head("cosine", lambda d, c, **kw: IncrementalHead(d, c, kind="cosine", **kw))
+register_head("ncm", lambda d, c, mask=None, freeze_old_rows=None, scale=16.0, **kw: NCMHead(d, c, scale, **kw))
+register_head("ridge", lambda d, c, mask=None, freeze_old_rows=None, scale=None, **kw: RidgeHead(d, c, **kw))

@@ -1,8 +1,9 @@
-"""`HAMModule`: a LightningModule holding a frozen backbone with HAM layers and an incremental linear head."""
+"""`HAMModule`: a LightningModule holding a frozen backbone with HAM layers and a head over every class."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,31 +11,44 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from typing_extensions import override
 
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.controller import HAMController, inject
-from ham_lightning.core.heads import HeadKind, IncrementalHead, LogitMask
+from ham_lightning.core.heads import HeadKind, IncrementalHead, LogitMask, create_head, is_statistics_head
+from ham_lightning.core.norm import freeze_norm_layers
+
+#: Batch inputs that are cached activations of the frozen prefix (``x = {"prefix": h}``) rather than images.
+PREFIX_KEY = "prefix"
 
 
 class HAMModule(LightningModule):
-    """Backbone (timm name or ``nn.Module``) + HAM layers + one linear head over every class of the scenario.
+    """Backbone (timm name or ``nn.Module``) + HAM layers + one head over every class of the scenario.
 
     Args:
         backbone: a timm model name (full weight tag, e.g. ``vit_base_patch16_224.augreg_in21k``) or a module
             returning pooled features.
         num_classes: classes of the whole scenario (the head is allocated up front).
-        ham: the `HAMConfig` (targets, rank, groups, pruning...), or its fields as a dict.
+        ham: the `HAMConfig` (targets, rank, groups, pruning, ``adapt_from``, ``freeze_norm``...), or its fields as a
+            dict.
         pretrained: load the backbone's pretrained weights (timm names only).
         backbone_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``img_size``).
         feature_dim: feature size of a module backbone without timm's ``num_features``.
-        head: ``linear`` (design.md's masked linear head) or ``cosine`` (normalised features and rows, times
-            ``head_scale``: old and new tasks' logits on one scale).
-        head_scale: the cosine head's logit scale.
+        adapt: inject HAM adapters and train them; ``False`` keeps the backbone frozen and untouched (the
+            training-free anchors: ``head="ncm"`` or ``"ridge"``).
+        head: a name of the head registry (`ham_lightning.core.heads.list_heads`): ``linear`` (design.md's masked
+            linear head), ``cosine`` (normalised features and rows times ``head_scale``), ``ncm`` (cosine nearest
+            class mean) or ``ridge`` (random-projection ridge regression, RanPAC-style). ``ncm`` and ``ridge`` are
+            fitted from class statistics at each task's end and cannot forget; with ``adapt=True`` the adapters
+            train through a ``train_head`` used only for the loss.
+        head_kwargs: extra arguments of the head (``ridge``: ``projection``, ``seed``, ``lambdas``, ``holdout``).
+        train_head: the head whose loss trains the adapters when ``head`` is a statistics head.
+        head_scale: the cosine and NCM heads' logit scale.
         head_mask: train on the current task's logits only (``current``) or on all seen classes (``seen``).
         freeze_old_rows: freeze head rows of finished tasks.
-        freeze_norm: keep BatchNorm layers in eval mode (frozen running statistics) while training.
+        freeze_norm: alias of ``ham.freeze_norm`` (when given, it sets it).
         optimizer: optimizer factory (LightningCLI style); scalars get no weight decay.
         lr_scheduler: optional LR scheduler factory; it restarts with every task.
         head_lr: learning rate of the head, if different from the optimizer's.
@@ -48,11 +62,14 @@ class HAMModule(LightningModule):
         pretrained: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
         feature_dim: int | None = None,
-        head: HeadKind = "linear",
+        adapt: bool = True,
+        head: str = "linear",
+        head_kwargs: dict[str, Any] | None = None,
+        train_head: HeadKind = "linear",
         head_scale: float = 16.0,
         head_mask: LogitMask = "current",
         freeze_old_rows: bool = True,
-        freeze_norm: bool = True,
+        freeze_norm: bool | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         head_lr: float | None = None,
@@ -60,7 +77,10 @@ class HAMModule(LightningModule):
         super().__init__()
         ignore = ["ham", "optimizer", "lr_scheduler"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
-        self.ham_config = HAMConfig(**ham) if isinstance(ham, dict) else ham or HAMConfig()
+        config = HAMConfig(**ham) if isinstance(ham, dict) else ham or HAMConfig()
+        if freeze_norm is not None:
+            config = dataclasses.replace(config, freeze_norm=freeze_norm)
+        self.ham_config = config
         # A plain dict, so checkpoints load with torch.load(weights_only=True) and load_from_checkpoint works.
         self.hparams["ham"] = self.ham_config.to_dict()
         if isinstance(backbone, str):
@@ -68,113 +88,127 @@ class HAMModule(LightningModule):
 
             backbone = create_backbone(backbone, pretrained=pretrained, **(backbone_kwargs or {}))
         self.backbone = backbone
-        self.ham: HAMController = inject(self.backbone, self.ham_config)
-        dim = feature_dim or getattr(self.backbone, "num_features", None)
-        if not dim:
-            raise ValueError(
-                f"Cannot tell the feature size of {type(self.backbone).__name__}: pass feature_dim= (the size of "
-                "the pooled features its forward returns)."
-            )
-        self.head = IncrementalHead(int(dim), num_classes, mask=head_mask, freeze_old_rows=freeze_old_rows, kind=head,
-                                    scale=head_scale)
-        self.freeze_norm = freeze_norm
+        self.adapt = adapt
+        if adapt:
+            self.ham: HAMController | None = inject(self.backbone, self.ham_config)
+        else:
+            self.ham = None
+            for p in self.backbone.parameters():
+                p.requires_grad_(False)
+            if self.ham_config.freeze_norm:
+                freeze_norm_layers(self.backbone)
+        self._top: nn.Module | None = None  # built on first use: see `top`
+        dim = int(feature_dim or _feature_dim(self.backbone))
+        self.head = create_head(head, dim, num_classes, mask=head_mask, freeze_old_rows=freeze_old_rows,
+                                scale=head_scale, **(head_kwargs or {}))
+        # The head whose loss trains the adapters, when `head` is fitted from statistics.
+        self.loss_head: IncrementalHead | None = None
+        if is_statistics_head(self.head) and adapt:
+            self.loss_head = IncrementalHead(dim, num_classes, mask=head_mask, freeze_old_rows=freeze_old_rows,
+                                             kind=train_head, scale=head_scale)
         self.optimizer_factory, self.lr_scheduler_factory, self.head_lr = optimizer, lr_scheduler, head_lr
         self.task = 0
-        if self.ham_config.method == "ncm":
-            self._setup_ncm(int(dim), num_classes)
+        if not self.trains_anything:
+            self.automatic_optimization = False
 
-    # -- ncm baseline (HAMConfig.method="ncm") ------------------------------------------------------------------
+    # -- what runs ----------------------------------------------------------------------------------------------
     @property
     def method_name(self) -> str:
-        """The method this module runs (``HAMConfig.method``), recorded in results.json."""
-        return self.ham_config.method
+        """The method recorded in results.json: the merge rule, or the head of a frozen backbone."""
+        return self.ham_config.method if self.adapt else self.hparams.head
 
     @property
-    def is_ncm(self) -> bool:
-        return self.ham_config.method == "ncm"
+    def trains_anything(self) -> bool:
+        return self.adapt or not is_statistics_head(self.head)
 
-    def _setup_ncm(self, dim: int, num_classes: int) -> None:
-        """Frozen everything; class sums and counts of the frozen backbone's features; no optimizer."""
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.register_buffer("ncm_sum", torch.zeros(num_classes, dim))
-        self.register_buffer("ncm_count", torch.zeros(num_classes))
-        self.automatic_optimization = False
+    @property
+    def top(self) -> nn.Module:
+        """The backbone above ``ham.adapt_from``: what runs on cached prefix activations."""
+        if self._top is None:
+            if not self.ham_config.adapt_from:
+                raise ValueError(
+                    "The batch holds cached prefix activations ({'prefix': ...}) but ham.adapt_from is not set: "
+                    "set it to the block the cache was taken at (e.g. 'blocks.5')."
+                )
+            from ham_lightning.core.prefix import split_model
 
-    def ncm_logits(self, features: Tensor) -> Tensor:
-        """``head_scale * cos(feature, class mean)``; classes without a mean get ``-inf``."""
-        means = self.ncm_sum / self.ncm_count.clamp_min(1.0)[:, None]
-        logits = F.linear(F.normalize(features.float(), dim=-1), F.normalize(means, dim=-1)) * self.hparams.head_scale
-        return logits.masked_fill(self.ncm_count == 0, float("-inf"))
+            object.__setattr__(self, "_top", split_model(self.backbone, self.ham_config.adapt_from))
+        return self._top.top  # type: ignore[union-attr]
 
-    @torch.no_grad()
-    def _ncm_accumulate(self, x: Tensor, y: Tensor) -> None:
-        self.backbone.eval()  # features as at test time (no dropout / drop-path, frozen BatchNorm)
-        features = self.backbone(x).float()
-        self.train(True)
-        self.ncm_sum.index_add_(0, y, features)
-        self.ncm_count.index_add_(0, y, torch.ones_like(y, dtype=self.ncm_count.dtype))
+    def features(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
+        """Pooled backbone features of images, or of cached prefix activations (``{"prefix": h}``)."""
+        if isinstance(x, Mapping):
+            return self.top(x[PREFIX_KEY])
+        return self.backbone(x)
 
-    # -- model --------------------------------------------------------------------------------------------------
     @override
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
         """Logits over every class of the scenario (unmasked)."""
-        if self.is_ncm:
-            return self.ncm_logits(self.backbone(x))
-        return self.head(self.backbone(x))
-
-    @override
-    def train(self, mode: bool = True) -> HAMModule:
-        super().train(mode)
-        if mode and self.freeze_norm:
-            for m in self.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
+        return self.head(self.features(x))
 
     # -- task hooks (called by ContinualEvaluation / HierarchicalMergeCallback) ----------------------------------
     def on_task_start(self, task: int, classes: Sequence[int]) -> None:
         self.task = task
         self.head.start_task(classes)
+        if self.loss_head is not None:
+            self.loss_head.start_task(classes)
 
     def on_task_end(self, task: int) -> None:
         self.head.end_task()
+        if self.loss_head is not None:
+            self.loss_head.end_task()
+        if is_statistics_head(self.head):
+            self.fit_head_statistics()
+
+    @torch.no_grad()
+    def fit_head_statistics(self, loader: Any = None) -> None:
+        """One pass over the current task's training data in eval mode: update the head's statistics, solve it."""
+        if loader is None:
+            loader = self.trainer.datamodule.train_dataloader()
+        was_training = self.training
+        self.eval()
+        for x, y in loader:
+            x, y = move_data_to_device((x, y), self.device)
+            self.head.update(self.features(x).float(), y)
+        self.head.fit()
+        self.train(was_training)
 
     # -- steps --------------------------------------------------------------------------------------------------
     @override
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Any, Tensor], batch_idx: int) -> Tensor | None:
+        if not self.trains_anything:
+            return None  # a frozen backbone with a statistics head: fitted at the task's end
         x, y = batch
-        if self.is_ncm:
-            self._ncm_accumulate(x, y)
-            return None  # type: ignore[return-value]
-        logits = self.head.train_logits(self(x))
+        head = self.loss_head or self.head
+        logits = head.train_logits(head(self.features(x)))
         loss = F.cross_entropy(logits.float(), y)
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
         return loss
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, dataloader_idx: int) -> None:
+    def _eval_step(self, batch: tuple[Any, Tensor], stage: str) -> None:
         x, y = batch
         preds = self.head.eval_logits(self(x).float()).argmax(dim=1)
         acc = (preds == y).float().mean()
-        self.log(f"{stage}/acc_task_{dataloader_idx}", acc, batch_size=y.shape[0], add_dataloader_idx=False,
-                 sync_dist=True)
+        # Lightning appends "/dataloader_idx_k" per seen task's loader.
+        self.log(f"{stage}/acc", acc, batch_size=y.shape[0], sync_dist=True)
 
     @override
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "val", dataloader_idx)
+    def validation_step(self, batch: tuple[Any, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "val")
 
     @override
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "test", dataloader_idx)
+    def test_step(self, batch: tuple[Any, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test")
 
     # -- optimisation -------------------------------------------------------------------------------------------
     @override
     def configure_optimizers(self) -> Any:
-        if self.is_ncm:
-            return None  # nothing trains: the class means are accumulated in training_step
-        scalars = [p for p in self.ham.scalar_parameters() if p.requires_grad]
+        if not self.trains_anything:
+            return None
+        scalars = [p for p in self.ham.scalar_parameters() if p.requires_grad] if self.ham else []
         scalar_ids = {id(p) for p in scalars}
-        head = [p for p in self.head.parameters() if p.requires_grad]
+        heads = [h for h in (self.head, self.loss_head) if h is not None]
+        head = [p for h in heads for p in h.parameters() if p.requires_grad]
         head_ids = {id(p) for p in head}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in scalar_ids | head_ids]
         groups: list[dict[str, Any]] = [{"params": rest}, {"params": head}]
@@ -188,14 +222,32 @@ class HAMModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
     # -- export -------------------------------------------------------------------------------------------------
+    def _controller(self) -> HAMController:
+        if self.ham is None:
+            raise ValueError("This HAMModule has no adapters (adapt=False): there is nothing to export.")
+        return self.ham
+
     def export_peft(self, path: str | Path) -> Path:
         """Save the merged delta as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)."""
         from ham_lightning.core.export import export_peft
 
-        return export_peft(self.ham, path)
+        return export_peft(self._controller(), path)
 
     def folded_backbone_state_dict(self) -> dict[str, Tensor]:
         """The backbone's state dict with the merged delta folded in: loads into a plain timm model."""
         from ham_lightning.core.export import folded_state_dict
 
-        return folded_state_dict(self.ham)
+        return folded_state_dict(self._controller())
+
+
+def _feature_dim(backbone: nn.Module) -> int:
+    from ham_lightning.core.backbones import backbone_feature_dim
+
+    try:
+        return backbone_feature_dim(backbone)
+    except TypeError as err:
+        raise ValueError(
+            f"Cannot tell the feature size of {type(backbone).__name__}: pass feature_dim= (the size of the pooled "
+            "features its forward returns)."
+        ) from err
+
