@@ -70,3 +70,57 @@ def test_cosine_head_scale_and_frozen_rows() -> None:
     torch.testing.assert_close(logits, expected)
     with pytest.raises(ValueError, match="kind must be 'linear' or 'cosine'"):
         IncrementalHead(4, 4, kind="mlp")  # type: ignore[arg-type]
+
+
+# -- statistics heads --------------------------------------------------------------------------------------------
+from ham_lightning.core.heads import NCMHead, RidgeHead, create_head, list_heads  # noqa: E402
+
+
+def test_registry_lists_and_refuses_unknown_heads() -> None:
+    assert {"linear", "cosine", "ncm", "ridge"} <= set(list_heads())
+    assert isinstance(create_head("ridge", 4, 3, mask="current", scale=2.0), RidgeHead)
+    with pytest.raises(ValueError, match="Unknown head 'knn'; choose one of"):
+        create_head("knn", 4, 3)
+
+
+def test_ridge_head_task_by_task_equals_one_closed_form_solve() -> None:
+    torch.manual_seed(0)
+    head = RidgeHead(6, 4, projection=32, seed=3, lambdas=(0.1, 1.0, 10.0))
+    xs = [torch.randn(40, 6) + 2 * torch.randn(1, 6) for _ in range(2)]
+    ys = [torch.randint(0, 2, (40,)), torch.randint(2, 4, (40,))]
+    for task, (x, y) in enumerate(zip(xs, ys)):
+        head.start_task([2 * task, 2 * task + 1])
+        for i in range(0, 40, 8):  # batches
+            head.update(x[i:i + 8], y[i:i + 8])
+        head.fit()
+    lam = float(head.lam)
+    assert lam in (0.1, 1.0, 10.0)
+    h = head.expand(torch.cat(xs)).double()
+    t = torch.nn.functional.one_hot(torch.cat(ys), 4).double()
+    W = torch.linalg.solve(h.T @ h + lam * torch.eye(32, dtype=torch.float64), h.T @ t)
+    torch.testing.assert_close(head.weight.double(), W, atol=1e-5, rtol=1e-4)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(head(x), (head.expand(x).double() @ W).float(), atol=1e-4, rtol=1e-4)
+
+
+def test_ridge_lambda_selection_prefers_strong_regularisation_on_noise() -> None:
+    torch.manual_seed(0)
+    noisy = RidgeHead(8, 2, projection=64, lambdas=(1e-4, 1e4))
+    noisy.start_task([0, 1])
+    noisy.update(torch.randn(60, 8), torch.randint(0, 2, (60,)))  # labels carry no signal
+    assert noisy.select_lambda() == 1e4
+    clean = RidgeHead(8, 2, projection=0, lambdas=(1e-4, 1e4))
+    clean.start_task([0, 1])
+    y = torch.randint(0, 2, (400,))
+    clean.update(torch.randn(400, 8) * 0.1 + 3 * torch.nn.functional.one_hot(y, 8).float(), y)
+    assert clean.select_lambda() == 1e-4
+
+
+def test_ncm_head_predicts_the_nearest_class_mean_and_masks_unseen() -> None:
+    head = NCMHead(3, 4, scale=1.0)
+    head.start_task([0, 1])
+    head.update(torch.tensor([[1.0, 0, 0], [3.0, 0, 0], [0, 2.0, 0]]), torch.tensor([0, 0, 1]))
+    logits = head(torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.8, 0.1]]))
+    assert logits.argmax(1).tolist() == [0, 1]
+    assert torch.isinf(logits[:, 2:]).all()
+    torch.testing.assert_close(head.class_sum[0] / head.class_count[0], torch.tensor([2.0, 0, 0], dtype=torch.float64))
