@@ -7,13 +7,14 @@ comparison (``compare.json``, ``compare.md``, plots, and each method's ``results
 A half-done comparison resumes: a method whose ``<out>/T<n>/<method>.json`` exists is not run again.
 
     python benchmarks/compare.py --config configs/compare_tiny_imagenet_lite0_cpu.yaml --num_tasks 10 \\
-        --methods ham seq_lora merge_sum merge_average merge_ties ncm joint \\
+        --methods ham seq_lora merge_sum merge_average merge_ties ncm ridge joint \\
         --out benchmarks/results/compare_tiny_imagenet_lite0_cpu -- --data.limit_per_class_train=20
 
 Methods: ``ham`` (the config as is), ``seq_lora``, ``merge_sum``, ``merge_average``, ``merge_ties`` (HAMConfig
-.method with one slot and no learned scalars), ``ncm`` (frozen backbone, class means from one un-augmented
-pass), ``joint`` (``seq_lora`` on one task holding every class, same number of passes over the data; its one-row
-matrix is the upper bound, shared by every task count).
+.method with one slot and no learned scalars), the training-free anchors ``ncm`` (cosine nearest class mean) and
+``ridge`` (random-projection ridge regression, RanPAC-style) on the frozen backbone without adapters, and
+``joint`` (``seq_lora`` on one task holding every class, same number of passes over the data; its one-row
+matrix is the upper bound, shared by every task count). ``--head ridge`` gives every trained method that head.
 """
 
 from __future__ import annotations
@@ -27,22 +28,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-METHODS = ("ham", "seq_lora", "merge_sum", "merge_average", "merge_ties", "ncm", "joint")
 _BASELINE = ["--model.ham.max_groups=1", "--model.ham.train_importance=false",
              "--model.ham.train_group_scalars=false"]
+#: CLI overrides that turn the shared config into each method (HAM runs the config unchanged). ``ncm`` and
+#: ``ridge`` are the training-free anchors: the frozen backbone (no adapters) under a statistics head, one pass.
+METHOD_ARGS: dict[str, list[str]] = {
+    "ham": [],
+    **{m: [f"--model.ham.method={m}", *_BASELINE] for m in ("seq_lora", "merge_sum", "merge_average", "merge_ties")},
+    "ncm": ["--model.adapt=false", "--model.head=ncm", "--data.epochs_per_task=1"],
+    "ridge": ["--model.adapt=false", "--model.head=ridge", "--data.epochs_per_task=1"],
+    "joint": ["--model.ham.method=seq_lora", *_BASELINE, "--data.num_tasks=1"],
+}
+METHODS = tuple(METHOD_ARGS)
+#: Methods whose head is fixed (a training-free anchor is its head): ``--head`` does not apply to them.
+_OWN_HEAD = ("ncm", "ridge")
 
 
-def method_args(method: str) -> list[str]:
-    """CLI overrides that turn the shared config into ``method`` (HAM runs the config unchanged)."""
-    if method == "ham":
-        return []
-    if method in ("seq_lora", "merge_sum", "merge_average", "merge_ties"):
-        return [f"--model.ham.method={method}", *_BASELINE]
-    if method == "ncm":
-        return ["--model.ham.method=ncm", *_BASELINE, "--data.epochs_per_task=1", "--data.augment=false"]
-    if method == "joint":
-        return ["--model.ham.method=seq_lora", *_BASELINE, "--data.num_tasks=1"]
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+def method_args(method: str, head: str | None = None) -> list[str]:
+    """CLI overrides for ``method``, with every trained method's head set to ``head`` when given."""
+    if method not in METHOD_ARGS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    extra = [f"--model.head={head}"] if head and method not in _OWN_HEAD else []
+    return [*METHOD_ARGS[method], *extra]
 
 
 def _read_epochs(config: str | None, extra: Sequence[str]) -> int | None:
@@ -58,7 +65,7 @@ def _read_epochs(config: str | None, extra: Sequence[str]) -> int | None:
 
 
 def run_method(method: str, num_tasks: int, config: str | None, extra: Sequence[str], runs_dir: Path,
-               group: str) -> dict[str, Any]:
+               group: str, head: str | None = None) -> dict[str, Any]:
     """One ``fit`` of ``method``; returns its results.json (with ``method`` set to the compared name)."""
     from ham_lightning.cli import cli
 
@@ -67,7 +74,7 @@ def run_method(method: str, num_tasks: int, config: str | None, extra: Sequence[
         epochs = _read_epochs(config, extra)
         if epochs:  # the same passes over the data as the whole sequence: E epochs of every class
             args.append(f"--data.epochs_per_task={epochs}")
-    args += [*method_args(method), f"--run_name={method}", f"--runs_dir={runs_dir}", f"--benchmark={group}",
+    args += [*method_args(method, head), f"--run_name={method}", f"--runs_dir={runs_dir}", f"--benchmark={group}",
              "--trainer.enable_checkpointing=false"]
     run_dir = runs_dir / method
     if run_dir.exists():
@@ -78,7 +85,7 @@ def run_method(method: str, num_tasks: int, config: str | None, extra: Sequence[
     _finish_wandb()
     results = json.loads((run_dir / "results.json").read_text())
     results["method"] = method
-    results["compare"] = {"args": args, "wall_time_s": time.perf_counter() - start, "num_tasks": num_tasks}
+    results["compare"] = {"head": head, "args": args, "wall_time_s": time.perf_counter() - start, "num_tasks": num_tasks}
     return results
 
 
@@ -175,7 +182,8 @@ def plot(comparison: dict[str, Any], out: Path) -> list[Path]:
 
 
 def compare(methods: Sequence[str], num_tasks: Sequence[int], out: Path, config: str | None = None,
-            extra: Sequence[str] = (), runs_dir: Path | None = None, name: str | None = None) -> dict[str, Any]:
+            extra: Sequence[str] = (), runs_dir: Path | None = None, name: str | None = None,
+            head: str | None = None) -> dict[str, Any]:
     """Run (or resume) the comparison and write ``compare.json``, ``compare.md`` and the plots to ``out``."""
     os.environ.setdefault("WANDB_MODE", "offline")
     for m in methods:
@@ -183,7 +191,7 @@ def compare(methods: Sequence[str], num_tasks: Sequence[int], out: Path, config:
     out = Path(out)
     name = name or out.name
     runs_dir = Path(runs_dir or Path("runs") / "compare" / name)
-    comparison: dict[str, Any] = {"name": name, "config": config, "extra_args": list(extra),
+    comparison: dict[str, Any] = {"name": name, "config": config, "extra_args": list(extra), "head": head,
                                   "methods": list(methods), "num_tasks": list(num_tasks), "runs": {}}
     for n in num_tasks:
         rows = []
@@ -195,7 +203,7 @@ def compare(methods: Sequence[str], num_tasks: Sequence[int], out: Path, config:
                 results = json.loads(path.read_text())
             else:
                 print(f"[compare] {m} at {t} task(s): running")
-                results = run_method(m, t, config, extra, runs_dir / f"T{t}", group=f"{name}-T{n}")
+                results = run_method(m, t, config, extra, runs_dir / f"T{t}", group=f"{name}-T{n}", head=head)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(results, indent=2))
             rows.append(summary_row(results))
@@ -218,10 +226,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num_tasks", nargs="+", type=int, default=[10])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compare"))
     parser.add_argument("--runs_dir", type=Path, default=None, help="run folders (default runs/compare/<name>)")
+    parser.add_argument("--head", default=None, help="head of every trained method (e.g. ridge); default: the config's")
     parser.add_argument("--name", default=None, help="comparison name and W&B group prefix (default: out's name)")
     parser.add_argument("extra", nargs="*", help="after --: more ham-lightning arguments for every method")
     args = parser.parse_args(argv)
-    result = compare(args.methods, args.num_tasks, args.out, args.config, args.extra, args.runs_dir, args.name)
+    result = compare(args.methods, args.num_tasks, args.out, args.config, args.extra, args.runs_dir, args.name,
+                     args.head)
     print((args.out / "compare.md").read_text())
     return result
 
