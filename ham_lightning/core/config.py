@@ -8,9 +8,10 @@ from typing import Any, Literal
 PruneMode = Literal["magnitude", "rank", "none"]
 Granularity = Literal["adapter", "layer"]
 SimilarityReduction = Literal["concat", "layer_mean"]
-#: What happens at a task boundary: HAM's hierarchical merge, or one of the baselines (docs/results.md).
-Method = Literal["ham", "seq_lora", "merge_sum", "merge_average", "merge_ties", "ncm"]
-METHODS: tuple[str, ...] = ("ham", "seq_lora", "merge_sum", "merge_average", "merge_ties", "ncm")
+#: What happens at a task boundary: HAM's hierarchical merge, or one of the baselines (docs/results.md). These
+#: are the built-in merge rules; `ham_lightning.core.merge_rules.register_merge_rule` adds more.
+Method = Literal["ham", "seq_lora", "merge_sum", "merge_average", "merge_ties"]
+METHODS: tuple[str, ...] = ("ham", "seq_lora", "merge_sum", "merge_average", "merge_ties")
 
 #: ViT-B/16 targets of the authors' related code (LoRA on attention qkv and the MLP).
 DEFAULT_TARGETS: tuple[str, ...] = ("qkv", "fc1", "fc2")
@@ -78,7 +79,7 @@ class HAMConfig:
         default="ham",
         metadata={"help": "Task-boundary rule: ham (hierarchical merge) or a baseline: seq_lora (one adapter kept "
                           "training), merge_sum (E += D_t), merge_average (E = mean of D_1..D_t), merge_ties (TIES "
-                          "of D_1..D_t, PEFT), ncm (frozen backbone, cosine nearest-class-mean)."},
+                          "of D_1..D_t, PEFT); any name registered with register_merge_rule."},
     )
 
     def __post_init__(self) -> None:
@@ -103,8 +104,11 @@ class HAMConfig:
             errors.append(f"similarity must be 'concat' or 'layer_mean', got {self.similarity!r}")
         if self.similarity_threshold is not None and not -1.0 <= self.similarity_threshold <= 1.0:
             errors.append(f"similarity_threshold is a cosine, in [-1, 1]; got {self.similarity_threshold}")
-        if self.method not in METHODS:
-            errors.append(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        from ham_lightning.core.merge_rules import list_merge_rules  # the registry; imports torch, so not at the top
+
+        if self.method not in list_merge_rules():
+            errors.append(f"method must be one of {', '.join(list_merge_rules())} (the registered merge rules); "
+                          f"got {self.method!r}")
         if errors:
             raise ValueError("Invalid HAMConfig: " + "; ".join(errors) + ".")
 

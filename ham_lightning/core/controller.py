@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -13,46 +12,60 @@ from torch import nn
 from ham_lightning.core import algebra
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.layer import HAMLayer
+from ham_lightning.core.merge_rules import MergeDecision, MergeRule, create_merge_rule
 from ham_lightning.core.norm import freeze_norm_layers
 from ham_lightning.core.targets import find_targets
 
-#: A group scalar smaller than this is absorbed into its slot's factors before a merge divides by it.
-_MIN_GROUP_SCALE = 1e-4
+#: Attribute of the injected model holding the controller's state module (history and merge rule).
+STATE_NAME = "ham_state"
 
 
-@dataclass
-class MergeDecision:
-    """What `HAMController.end_task` decided for one task."""
+class HAMControllerState(nn.Module):
+    """The controller's place in the model's ``state_dict``: its merge history and its merge rule.
 
-    task: int
-    group: int
-    opened: bool
-    similarities: list[float | None]  # cosine with each slot before the merge; None for empty slots
-    importance: float  # a_t (mean over layers when per-layer)
-    kept_fraction: float  # squared-norm fraction of the task delta kept by pruning
-    group_ranks: list[int] = field(default_factory=list)  # max used rank per slot after the merge
+    Registered on the injected model as ``ham_state`` by `HAMController`, so ``model.state_dict()`` (and so a
+    Lightning checkpoint of a module holding the model) carries ``ham_state._extra_state`` (the history) and the
+    rule's own state under ``ham_state.merge_rule``. The controller stays the one owner of the history; this module
+    only reads and writes it.
+    """
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def __init__(self, controller: HAMController, merge_rule: MergeRule) -> None:
+        super().__init__()
+        self.merge_rule = merge_rule
+        self.controller = controller  # not a Module: a plain attribute, not a submodule
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"history": [d.to_dict() for d in self.controller.history]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.controller.history = [MergeDecision(**d) for d in state["history"]]
 
 
 class HAMController:
     """Owns the HAM layers injected into a model: task boundaries, fold/unfold, history, state.
 
-    It is not an ``nn.Module``: every tensor lives in the model (so ``model.state_dict()`` and Lightning
-    checkpoints carry the slots), and the controller adds the merge history on top.
+    It is not an ``nn.Module``: every tensor lives in the model, and so does the rest of its state: the merge
+    rule (``HAMConfig.method``, see `ham_lightning.core.merge_rules`) and the history are in the model's
+    ``ham_state`` submodule (`HAMControllerState`), so ``model.state_dict()`` and Lightning checkpoints carry
+    the slots, the history and the rule's state.
     """
 
     def __init__(self, model: nn.Module, layers: dict[str, HAMLayer], config: HAMConfig) -> None:
         self.model = model
         self.layers = layers
         self.config = config
+        #: One `MergeDecision` per task boundary; the one copy of the merge history.
         self.history: list[MergeDecision] = []
         self._folded: dict[str, nn.Module] | None = None
-        #: Every task's delta per layer, kept only by ``method="merge_ties"`` (TIES re-merges all of them).
-        self.task_deltas: dict[str, list[algebra.Factors]] = {}
+        self._state = HAMControllerState(self, create_merge_rule(config.method))
+        model.add_module(STATE_NAME, self._state)
 
     # -- inspection ---------------------------------------------------------------------------------------------
+    @property
+    def merge_rule(self) -> MergeRule:
+        """The task-boundary rule chosen by ``config.method``."""
+        return self._state.merge_rule
+
     @property
     def num_tasks_merged(self) -> int:
         return len(self.history)
@@ -83,24 +96,12 @@ class HAMController:
         return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
 
     def num_parameters(self) -> dict[str, int]:
-        """Counts: trainable HAM parameters, and stored adapter numbers (slot buffers, scalars, active adapter).
+        """Counts: trainable HAM parameters, and stored adapter numbers, as the merge rule uses them.
 
-        Baselines count what they use: ``seq_lora`` the one adapter (no slots), ``ncm`` nothing (its class means
-        are counted by `HAMModule`), ``merge_ties`` also the stored per-task factors.
+        HAM and the merging baselines: slot buffers, scalars and active adapter (``merge_ties`` also its stored
+        per-task factors); ``seq_lora``: the one adapter.
         """
-        method = self.config.method
-        if method == "ncm":
-            return {"trainable": 0, "adapter_stored": 0}
-        if method == "seq_lora":
-            used = [p for p in self.adapter_parameters() + self.scalar_parameters()]
-            return {"trainable": sum(p.numel() for p in used if p.requires_grad),
-                    "adapter_stored": sum(p.numel() for p in used)}
-        trainable = sum(p.numel() for p in self.adapter_parameters() + self.scalar_parameters() if p.requires_grad)
-        slots = sum(layer.group_A.numel() + layer.group_B.numel() for layer in self.layers.values())
-        stored = slots + sum(p.numel() for p in self.adapter_parameters() + self.scalar_parameters())
-        if method == "merge_ties":
-            stored += sum(b.numel() + a.numel() for deltas in self.task_deltas.values() for b, a in deltas)
-        return {"trainable": trainable, "adapter_stored": stored}
+        return self.merge_rule.num_parameters(self)
 
     def named_layers(self) -> Iterator[tuple[str, HAMLayer]]:
         return iter(self.layers.items())
@@ -120,65 +121,12 @@ class HAMController:
             out.append(float(measure(task, group)))
         return out
 
-    def _choose_group(self, sims: list[float | None]) -> tuple[int, bool]:
-        free = [g for g, s in enumerate(sims) if s is None]
-        occupied = [(s, g) for g, s in enumerate(sims) if s is not None]
-        best_sim, best = max(occupied) if occupied else (None, None)
-        tau = self.config.similarity_threshold
-        if free and (best is None or tau is None or best_sim < tau):
-            return free[0], True
-        assert best is not None
-        return best, False
-
     @torch.no_grad()
     def end_task(self) -> MergeDecision:
-        """Similarity, assignment, prune, scale, merge into a slot, reset the active adapter (design.md steps 1-7)."""
+        """Run the merge rule at the end of a task (HAM: design.md steps 1-7) and record its decision."""
         if self._folded is not None:
             raise RuntimeError("end_task() on a folded model: call unfold() first.")
-        if self.config.method != "ham":
-            from ham_lightning.core import merge_rules as baselines
-
-            return baselines.end_task(self)
-        cfg = self.config
-        sims = self.similarities()
-        g, opened = self._choose_group(sims)
-        scalars = {id(layer.group_scalars): layer.group_scalars for layer in self.layers.values()}
-        if opened:
-            for c in scalars.values():
-                c[g] = 1.0
-        else:
-            for c in scalars.values():
-                if c[g].abs() < _MIN_GROUP_SCALE:  # absorb c_g into the factors rather than divide by ~0
-                    for layer in self.layers.values():
-                        if layer.group_scalars is c:
-                            B, A = layer.slot_factors(g)
-                            layer.set_slot(g, B * c[g], A)
-                    c[g] = 1.0
-        kept, total = 0.0, 0.0
-        importances = []
-        for layer in self.layers.values():
-            B_t, A_t = layer.task_delta()  # a_t B_t, A_t
-            dtype = torch.promote_types(B_t.dtype, torch.float32)
-            B_t, A_t = B_t.to(dtype), A_t.to(dtype)
-            importances.append(float(layer.importance))
-            B_p, A_p = algebra.drop_zero_rank(*algebra.prune(B_t, A_t, cfg.prune, cfg.density, cfg.rescale))
-            total += float(algebra.norm_sq(B_t, A_t))
-            kept += float(algebra.norm_sq(B_p, A_p))
-            B_p = B_p / layer.group_scalars[g].to(dtype)  # enters the slot divided by c_g: E_g becomes E_g + D_t'
-            B_g, A_g = layer.slot_factors(g) if not opened else (B_p[:, :0], A_p[:0])
-            B_new, A_new = algebra.concat(B_g.to(dtype), A_g.to(dtype), B_p, A_p)
-            if B_new.shape[1] > layer.group_rank:
-                B_new, A_new = algebra.drop_zero_rank(*algebra.truncate(B_new, A_new, layer.group_rank))
-            layer.set_slot(g, B_new, A_new)
-        task = len(self.history)
-        self.reset_adapter(task + 1)
-        decision = MergeDecision(
-            task=task, group=g, opened=opened, similarities=sims,
-            importance=sum(importances) / len(importances),
-            kept_fraction=kept / total if total > 0 else 1.0,
-            group_ranks=[int(max(int(layer.group_rank_used[i]) for layer in self.layers.values()))
-                         for i in range(cfg.max_groups)],
-        )
+        decision = self.merge_rule.end_task(self)
         self.history.append(decision)
         return decision
 
@@ -195,8 +143,8 @@ class HAMController:
     def fold(self) -> nn.Module:
         """Write the merged delta into each base weight and put plain modules back: zero inference overhead.
 
-        The model then has exactly the bare backbone's modules and parameters; `unfold` restores the HAM layers
-        (their original ``W0`` is kept), so training can continue.
+        The model then has exactly the bare backbone's modules and parameters (the ``ham_state`` module is
+        detached too); `unfold` restores the HAM layers (their original ``W0`` is kept), so training can continue.
         """
         if self._folded is not None:
             return self.model
@@ -206,6 +154,7 @@ class HAMController:
             plain.weight.copy_(layer.merged_weight())
             self._folded[name] = plain
             _set_submodule(self.model, name, plain)
+        delattr(self.model, STATE_NAME)
         return self.model
 
     def unfold(self) -> nn.Module:
@@ -214,6 +163,7 @@ class HAMController:
             return self.model
         for name, layer in self.layers.items():
             _set_submodule(self.model, name, layer)
+        self.model.add_module(STATE_NAME, self._state)
         self._folded = None
         return self.model
 
@@ -223,22 +173,24 @@ class HAMController:
 
     # -- state --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """History and config, plus every HAM tensor (slots, scalars, active adapter) by layer name."""
+        """History, config and merge-rule state, plus every HAM tensor (slots, scalars, active adapter) by layer.
+
+        The model's own ``state_dict`` holds all of it too (what Lightning checkpoints save); this one is for
+        use without the model's other weights.
+        """
         tensors = {}
         for name, layer in self.layers.items():
             for key, value in layer.state_dict().items():
                 if not key.startswith("base."):
                     tensors[f"{name}.{key}"] = value.detach().clone()
-        state = {"config": self.config.to_dict(), "history": [d.to_dict() for d in self.history], "tensors": tensors}
-        if self.task_deltas:
-            state["task_deltas"] = {k: [(b.clone(), a.clone()) for b, a in v] for k, v in self.task_deltas.items()}
-        return state
+        return {"config": self.config.to_dict(), "history": [d.to_dict() for d in self.history], "tensors": tensors,
+                "merge_rule": self.merge_rule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned; the tensors part may be absent (Lightning restores the model)."""
         self.history = [MergeDecision(**d) for d in state.get("history", [])]
-        if "task_deltas" in state:
-            self.task_deltas = {k: [(b.clone(), a.clone()) for b, a in v] for k, v in state["task_deltas"].items()}
+        if "merge_rule" in state:
+            self.merge_rule.load_state_dict(state["merge_rule"])
         tensors = state.get("tensors")
         if tensors:
             with torch.no_grad():
@@ -264,7 +216,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 def inject(model: nn.Module, config: HAMConfig | None = None) -> HAMController:
     """Put HAM layers into ``model`` in place, freeze everything else, and return the controller.
 
-    The controller is also stored as ``model.ham_controller`` so Lightning callbacks can find it.
+    The controller is also stored as ``model.ham_controller`` so Lightning callbacks can find it, and its state
+    (merge history, merge rule) is registered as the submodule ``model.ham_state``.
     """
     config = config or HAMConfig()
     if any(isinstance(m, HAMLayer) for m in model.modules()):

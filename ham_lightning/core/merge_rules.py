@@ -1,36 +1,151 @@
-"""The baselines' task-boundary rules, run by `HAMController.end_task` when ``HAMConfig.method != "ham"``.
+"""Merge rules: what happens to the adapters at a task boundary, one small class per method, in a registry.
 
-Every baseline reuses HAM's layers: the frozen backbone, the active LoRA adapter (trained on each task) and the
-group slots (the merging baselines keep their merged adapter ``E`` in slot 0, so it is fused into the frozen
-weight while the next task trains, exactly as a HAM group). What differs is only what happens at a boundary:
+`HAMConfig.method` names a rule; `create_merge_rule` builds it and `HAMController.end_task` runs it. Rules are
+``nn.Module``s attached to the injected model (``<model>.ham_state.merge_rule``), so a rule that keeps state
+(``merge_ties``' per-task deltas) saves it in the model's ``state_dict`` and every method resumes from a Lightning
+checkpoint. Registry in timm's style: `register_merge_rule`, `create_merge_rule`, `list_merge_rules`.
 
+* ``ham`` (`HierarchicalMerge`): design.md steps 1-7: similarity, assignment, prune, scale, merge into a group
+  slot, reset the active adapter.
 * ``seq_lora``: nothing; the one adapter keeps training on the next task (the naive lower bound).
 * ``merge_sum``: ``E <- E + D_t``, no pruning; a fresh adapter for the next task trains on top of ``E``.
 * ``merge_average``: ``E <- (k E + D_t) / (k + 1)`` with ``k`` tasks merged before: ``E`` is the mean of the
   task deltas (task arithmetic with weight ``1 / T``).
 * ``merge_ties``: ``E <- TIES(D_1, ..., D_t)`` on dense per-layer deltas with PEFT's ``ties`` (trim to
   ``density``, elect sign by total mass, disjoint mean), re-factorised by truncated SVD to ``group_rank``.
-* ``ncm``: nothing; the backbone stays frozen and `HAMModule` classifies by cosine to class means.
 
-The slot rank is capped at ``group_rank``: beyond it the sum or average is truncated by SVD (Eckart-Young), as
-HAM's slots are. The group scalar ``c_0`` is absorbed into the slot before each merge, so the rules act on the
-effective deltas.
+The three ``merge_*`` baselines reuse HAM's layers: their merged adapter ``E`` lives in slot 0, so it is fused
+into the frozen weight while the next task trains, exactly as a HAM group. The slot rank is capped at
+``group_rank`` (beyond it the sum or average is truncated by SVD, Eckart-Young, as HAM's slots are). The group
+scalar ``c_0`` is absorbed into the slot before each merge, so the rules act on the effective deltas.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ham_lightning.core import algebra
 
 if TYPE_CHECKING:
-    from ham_lightning.core.controller import HAMController, MergeDecision
+    from ham_lightning.core.controller import HAMController
 
-#: Methods whose merged adapter lives in slot 0.
-MERGING = ("merge_sum", "merge_average", "merge_ties")
+__all__ = [
+    "HierarchicalMerge",
+    "MergeAverage",
+    "MergeDecision",
+    "MergeRule",
+    "MergeSum",
+    "MergeTies",
+    "SequentialLoRA",
+    "SlotMerge",
+    "create_merge_rule",
+    "list_merge_rules",
+    "register_merge_rule",
+]
+
+#: A group scalar smaller than this is absorbed into its slot's factors before a merge divides by it.
+_MIN_GROUP_SCALE = 1e-4
+
+
+@dataclass
+class MergeDecision:
+    """What one task boundary decided (an entry of `HAMController.history`)."""
+
+    task: int
+    group: int
+    opened: bool
+    similarities: list[float | None]  # cosine with each slot before the merge; None for empty slots
+    importance: float  # a_t (mean over layers when per-layer)
+    kept_fraction: float  # squared-norm fraction of the task delta kept by pruning
+    group_ranks: list[int] = field(default_factory=list)  # max used rank per slot after the merge
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MergeRule(nn.Module):
+    """The protocol of a task-boundary rule: `end_task` merges (or not) and returns the `MergeDecision`.
+
+    The controller appends the decision to its history; a rule only changes the HAM layers' tensors (through
+    ``controller.layers``) and its own state. State a rule must keep across tasks goes in this module's
+    ``state_dict`` (buffers, or ``get_extra_state`` / ``set_extra_state`` for variable-size state), which is part
+    of the model's, so Lightning checkpoints carry it.
+    """
+
+    #: The name the rule is registered under (``HAMConfig.method``); set by `register_merge_rule`.
+    name: ClassVar[str] = ""
+
+    def end_task(self, controller: HAMController) -> MergeDecision:
+        """Run the boundary of the task just trained (``controller.num_tasks_merged``) and describe it."""
+        raise NotImplementedError
+
+    def num_parameters(self, controller: HAMController) -> dict[str, int]:
+        """``trainable``: HAM parameters trained; ``adapter_stored``: adapter numbers kept (slots, adapter, scalars)."""
+        own = controller.adapter_parameters() + controller.scalar_parameters()
+        slots = sum(layer.group_A.numel() + layer.group_B.numel() for layer in controller.layers.values())
+        return {"trainable": sum(p.numel() for p in own if p.requires_grad),
+                "adapter_stored": slots + sum(p.numel() for p in own)}
+
+    def extra_repr(self) -> str:
+        return repr(self.name)
+
+
+_R = TypeVar("_R", bound=type[MergeRule])
+_MERGE_RULES: dict[str, type[MergeRule]] = {}
+
+
+def register_merge_rule(name: str) -> Callable[[_R], _R]:
+    """Class decorator: make a `MergeRule` subclass available as ``HAMConfig(method=name)``."""
+
+    def register(cls: _R) -> _R:
+        if not (isinstance(cls, type) and issubclass(cls, MergeRule)):
+            raise TypeError(f"register_merge_rule({name!r}) decorates a MergeRule subclass, got {cls!r}")
+        if name in _MERGE_RULES and _MERGE_RULES[name] is not cls:
+            raise ValueError(f"a merge rule named {name!r} is already registered ({_MERGE_RULES[name].__name__})")
+        cls.name = name
+        _MERGE_RULES[name] = cls
+        return cls
+
+    return register
+
+
+def list_merge_rules() -> list[str]:
+    """Names of the registered merge rules (the accepted values of ``HAMConfig.method``), sorted."""
+    return sorted(_MERGE_RULES)
+
+
+def create_merge_rule(name: str, **kwargs: Any) -> MergeRule:
+    """A new instance of the merge rule registered as ``name``."""
+    if name not in _MERGE_RULES:
+        raise ValueError(f"unknown merge rule {name!r}; registered: {', '.join(list_merge_rules())}")
+    return _MERGE_RULES[name](**kwargs)
+
+
+# -- helpers shared by the rules --------------------------------------------------------------------------------
+def _mean_importance(controller: HAMController) -> float:
+    layers = controller.layers.values()
+    return sum(float(layer.importance) for layer in layers) / len(layers)
+
+
+def _group_ranks(controller: HAMController) -> list[int]:
+    layers = controller.layers.values()
+    return [int(max(int(layer.group_rank_used[i]) for layer in layers)) for i in range(controller.config.max_groups)]
+
+
+def _shared_group_scalars(controller: HAMController) -> list[nn.Parameter]:
+    """Each distinct group-scalar tensor once (one shared by all layers, or one per layer)."""
+    return list({id(layer.group_scalars): layer.group_scalars for layer in controller.layers.values()}.values())
+
+
+def _compute(factors: algebra.Factors) -> algebra.Factors:
+    """Factors in the dtype the merge runs in: at least float32 (float64 stays)."""
+    dtype = torch.promote_types(factors[0].dtype, torch.float32)
+    return factors[0].to(dtype), factors[1].to(dtype)
 
 
 def merge_sum(E: algebra.Factors, D: algebra.Factors, group_rank: int) -> algebra.Factors:
@@ -66,56 +181,159 @@ def _cap(B: Tensor, A: Tensor, group_rank: int) -> algebra.Factors:
     return algebra.drop_zero_rank(B, A)
 
 
-@torch.no_grad()
-def end_task(controller: HAMController) -> MergeDecision:
-    """The boundary of a baseline method (``controller.config.method``); returns the decision it records."""
-    from ham_lightning.core.controller import MergeDecision
+# -- the rules --------------------------------------------------------------------------------------------------
+@register_merge_rule("ham")
+class HierarchicalMerge(MergeRule):
+    """HAM's boundary (design.md steps 1-7): the task delta joins the most similar group slot, or opens one."""
 
-    cfg = controller.config
-    method = cfg.method
-    layers = controller.layers
-    task = len(controller.history)
-    sims: list[float | None] = [None] * cfg.max_groups
-    importance = sum(float(layer.importance) for layer in layers.values()) / len(layers)
-    kept = 1.0
-    if method in MERGING:
+    @staticmethod
+    def choose_group(sims: list[float | None], threshold: float | None) -> tuple[int, bool]:
+        """``(slot, opened)``: a free slot while one is left (and, with ``threshold``, the best cosine is below
+        it), else the most similar occupied slot."""
+        free = [g for g, s in enumerate(sims) if s is None]
+        occupied = [(s, g) for g, s in enumerate(sims) if s is not None]
+        best_sim, best = max(occupied) if occupied else (None, None)
+        if free and (best is None or threshold is None or best_sim < threshold):
+            return free[0], True
+        assert best is not None
+        return best, False
+
+    @torch.no_grad()
+    def end_task(self, controller: HAMController) -> MergeDecision:
+        cfg = controller.config
+        layers = controller.layers.values()
+        sims = controller.similarities()
+        g, opened = self.choose_group(sims, cfg.similarity_threshold)
+        for c in _shared_group_scalars(controller):
+            if opened:
+                c[g] = 1.0
+            elif c[g].abs() < _MIN_GROUP_SCALE:  # absorb c_g into the factors rather than divide by ~0
+                for layer in layers:
+                    if layer.group_scalars is c:
+                        B, A = layer.slot_factors(g)
+                        layer.set_slot(g, B * c[g], A)
+                c[g] = 1.0
+        kept, total = 0.0, 0.0
+        for layer in layers:
+            B_t, A_t = _compute(layer.task_delta())  # a_t B_t, A_t
+            dtype = B_t.dtype
+            B_p, A_p = algebra.drop_zero_rank(*algebra.prune(B_t, A_t, cfg.prune, cfg.density, cfg.rescale))
+            total += float(algebra.norm_sq(B_t, A_t))
+            kept += float(algebra.norm_sq(B_p, A_p))
+            B_p = B_p / layer.group_scalars[g].to(dtype)  # enters the slot divided by c_g: E_g becomes E_g + D_t'
+            B_g, A_g = layer.slot_factors(g) if not opened else (B_p[:, :0], A_p[:0])
+            B_new, A_new = algebra.concat(B_g.to(dtype), A_g.to(dtype), B_p, A_p)
+            if B_new.shape[1] > layer.group_rank:
+                B_new, A_new = algebra.drop_zero_rank(*algebra.truncate(B_new, A_new, layer.group_rank))
+            layer.set_slot(g, B_new, A_new)
+        task = controller.num_tasks_merged
+        importance = _mean_importance(controller)
+        controller.reset_adapter(task + 1)
+        return MergeDecision(task=task, group=g, opened=opened, similarities=sims, importance=importance,
+                             kept_fraction=kept / total if total > 0 else 1.0, group_ranks=_group_ranks(controller))
+
+
+@register_merge_rule("seq_lora")
+class SequentialLoRA(MergeRule):
+    """``seq_lora``: nothing merges and nothing resets; the one adapter keeps training on the next task."""
+
+    def end_task(self, controller: HAMController) -> MergeDecision:
+        return MergeDecision(task=controller.num_tasks_merged, group=0, opened=False,
+                             similarities=[None] * controller.config.max_groups,
+                             importance=_mean_importance(controller), kept_fraction=1.0,
+                             group_ranks=_group_ranks(controller))
+
+    def num_parameters(self, controller: HAMController) -> dict[str, int]:
+        """The one adapter and its scalars (no slot is used)."""
+        used = controller.adapter_parameters() + controller.scalar_parameters()
+        return {"trainable": sum(p.numel() for p in used if p.requires_grad),
+                "adapter_stored": sum(p.numel() for p in used)}
+
+
+class SlotMerge(MergeRule):
+    """Base of the baselines that keep one merged adapter ``E`` in slot 0: subclasses give `merge_layer`."""
+
+    def merge_layer(self, controller: HAMController, name: str, E: algebra.Factors, D: algebra.Factors,
+                    task: int) -> tuple[Tensor, Tensor, float, float]:
+        """New slot factors ``(B, A)`` of layer ``name`` from its effective ``E`` and task delta ``D``, and the
+        squared norms (kept, total) of what the rank cap dropped on purpose, or ``(0, 0)`` (kept fraction 1)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def end_task(self, controller: HAMController) -> MergeDecision:
+        task = controller.num_tasks_merged
+        importance = _mean_importance(controller)
         sims = controller.similarities()
         occupied = controller.occupied[0]
-        scalars = {id(layer.group_scalars): layer.group_scalars for layer in layers.values()}
         if occupied:  # absorb c_0 into the slot: the rules act on the effective delta E = c_0 B_0 A_0
-            for layer in layers.values():
+            for layer in controller.layers.values():
                 B, A = layer.group_delta(0)
                 layer.set_slot(0, B.clone(), A.clone())
-        for c in scalars.values():
+        for c in _shared_group_scalars(controller):
             c[0] = 1.0
-        kept_num, kept_den = 0.0, 0.0
-        for name, layer in layers.items():
-            B_t, A_t = layer.task_delta()
-            dtype = torch.promote_types(B_t.dtype, torch.float32)
-            D = (B_t.to(dtype), A_t.to(dtype))
-            E = tuple(f.to(dtype) for f in layer.slot_factors(0)) if occupied else (D[0][:, :0], D[1][:0])
-            if method == "merge_sum":
-                B_new, A_new = merge_sum(E, D, layer.group_rank)  # type: ignore[arg-type]
-            elif method == "merge_average":
-                B_new, A_new = merge_average(E, D, task, layer.group_rank)  # type: ignore[arg-type]
-            else:
-                stored = controller.task_deltas.setdefault(name, [])
-                stored.append((D[0].clone(), D[1].clone()))
-                dense = [algebra.dense(b, a) for b, a in stored]
-                merged = ties_dense(dense, cfg.density)
-                B_new, A_new = refactor(merged, layer.group_rank)
-                kept_num += float(algebra.norm_sq(B_new, A_new))
-                kept_den += float(merged.pow(2).sum())
+        kept, total = 0.0, 0.0
+        for name, layer in controller.layers.items():
+            D = _compute(layer.task_delta())
+            E = tuple(f.to(D[0].dtype) for f in layer.slot_factors(0)) if occupied else (D[0][:, :0], D[1][:0])
+            B_new, A_new, k, t = self.merge_layer(controller, name, E, D, task)  # type: ignore[arg-type]
+            kept, total = kept + k, total + t
             layer.set_slot(0, B_new, A_new)
-        if method == "merge_ties" and kept_den > 0:
-            kept = kept_num / kept_den  # energy of the TIES merge kept by the rank-R re-factorisation
         controller.reset_adapter(task + 1)
-    # seq_lora and ncm: the adapter is neither merged nor reset.
-    decision = MergeDecision(
-        task=task, group=0, opened=method in MERGING and task == 0, similarities=sims, importance=importance,
-        kept_fraction=kept,
-        group_ranks=[int(max(int(layer.group_rank_used[i]) for layer in layers.values()))
-                     for i in range(cfg.max_groups)],
-    )
-    controller.history.append(decision)
-    return decision
+        return MergeDecision(task=task, group=0, opened=task == 0, similarities=sims, importance=importance,
+                             kept_fraction=kept / total if total > 0 else 1.0, group_ranks=_group_ranks(controller))
+
+
+@register_merge_rule("merge_sum")
+class MergeSum(SlotMerge):
+    """``merge_sum``: ``E <- E + D_t``."""
+
+    def merge_layer(self, controller: HAMController, name: str, E: algebra.Factors, D: algebra.Factors,
+                    task: int) -> tuple[Tensor, Tensor, float, float]:
+        return (*merge_sum(E, D, controller.layers[name].group_rank), 0.0, 0.0)
+
+
+@register_merge_rule("merge_average")
+class MergeAverage(SlotMerge):
+    """``merge_average``: ``E <- (k E + D_t) / (k + 1)``, the mean of the task deltas."""
+
+    def merge_layer(self, controller: HAMController, name: str, E: algebra.Factors, D: algebra.Factors,
+                    task: int) -> tuple[Tensor, Tensor, float, float]:
+        return (*merge_average(E, D, task, controller.layers[name].group_rank), 0.0, 0.0)
+
+
+@register_merge_rule("merge_ties")
+class MergeTies(SlotMerge):
+    """``merge_ties``: ``E <- TIES(D_1..D_t)``; TIES is not incremental, so every task's delta is kept.
+
+    The deltas (low-rank factors per layer and task) are this module's extra state: a list that grows by one entry
+    per task, saved with the model's ``state_dict``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: layer name -> one ``(B_t, A_t)`` per merged task (``a_t`` folded into ``B_t``).
+        self.task_deltas: dict[str, list[algebra.Factors]] = {}
+
+    def merge_layer(self, controller: HAMController, name: str, E: algebra.Factors, D: algebra.Factors,
+                    task: int) -> tuple[Tensor, Tensor, float, float]:
+        # Restored deltas come on the checkpoint's device: bring them to the layer's.
+        stored = [(b.to(D[0]), a.to(D[1])) for b, a in self.task_deltas.get(name, [])]
+        stored.append((D[0].clone(), D[1].clone()))
+        self.task_deltas[name] = stored
+        merged = ties_dense([algebra.dense(b, a) for b, a in stored], controller.config.density)
+        B, A = refactor(merged, controller.layers[name].group_rank)
+        # energy of the TIES merge kept by the rank-R re-factorisation
+        return B, A, float(algebra.norm_sq(B, A)), float(merged.pow(2).sum())
+
+    def num_parameters(self, controller: HAMController) -> dict[str, int]:
+        """Slots, adapter and scalars, plus the stored per-task factors."""
+        counts = super().num_parameters(controller)
+        counts["adapter_stored"] += sum(b.numel() + a.numel() for v in self.task_deltas.values() for b, a in v)
+        return counts
+
+    def get_extra_state(self) -> dict[str, Any]:
+        # New containers: a state dict taken now must not grow with later tasks (the tensors are never mutated).
+        return {"task_deltas": {name: list(deltas) for name, deltas in self.task_deltas.items()}}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.task_deltas = {name: [(b, a) for b, a in deltas] for name, deltas in state["task_deltas"].items()}

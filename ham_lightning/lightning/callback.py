@@ -17,7 +17,8 @@ class HierarchicalMergeCallback(ContinualEvaluation):
 
     Works on `HAMModule` and on any LightningModule whose backbone went through `ham_lightning.inject` (the
     controller is found on the module). The optimizer and LR schedulers restart for the next task (see
-    `ContinualEvaluation`), and the merge history is kept in this callback's ``state_dict``.
+    `ContinualEvaluation`). The merge history has one owner, the controller (``find_controller(model).history``),
+    saved in the model's ``state_dict``; this callback only reads it.
 
     Args:
         epochs_per_task: see `ContinualEvaluation`.
@@ -26,7 +27,13 @@ class HierarchicalMergeCallback(ContinualEvaluation):
 
     def __init__(self, epochs_per_task: int | None = None, evaluate: bool = True) -> None:
         super().__init__(epochs_per_task=epochs_per_task, evaluate=evaluate)
-        self.history: list[MergeDecision] = []
+        # The controller of the module being fitted (found at fit start), whose history `results` reports.
+        self._controller: HAMController | None = None
+
+    @property
+    def history(self) -> list[MergeDecision]:
+        """The merge history of the fitted model's controller (empty before the first fit)."""
+        return self._controller.history if self._controller is not None else []
 
     @staticmethod
     def controller(pl_module: LightningModule) -> HAMController:
@@ -40,9 +47,7 @@ class HierarchicalMergeCallback(ContinualEvaluation):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        controller = self.controller(pl_module)
-        if self.history and not controller.history:  # resumed from a checkpoint: the controller gets it back
-            controller.history = list(self.history)
+        controller = self._controller = self.controller(pl_module)
         if len(controller.history) != self._task:
             raise MisconfigurationException(
                 f"The model has merged {len(controller.history)} tasks but this callback is at task {self._task}. "
@@ -55,7 +60,6 @@ class HierarchicalMergeCallback(ContinualEvaluation):
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> dict[str, float]:
         controller = self.controller(pl_module)
         decision = controller.end_task()
-        self.history = list(controller.history)
         metrics = {"ham/group": float(decision.group), "ham/opened": float(decision.opened),
                    "ham/num_groups": float(controller.num_groups), "ham/importance": decision.importance,
                    "ham/kept_fraction": decision.kept_fraction}
@@ -78,12 +82,3 @@ class HierarchicalMergeCallback(ContinualEvaluation):
                 "group_ranks": [d.group_ranks for d in self.history],
             }
         return out
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "history": [d.to_dict() for d in self.history]}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.history = [MergeDecision(**d) for d in state_dict.get("history", [])]
