@@ -1,0 +1,105 @@
+"""Keep a new task's adapter away from earlier tasks' inputs (GPM / InfLoRA-style projection of ``A``).
+
+A task adapter changes a layer's output by ``s a B A x``. If the rows of ``A`` are orthogonal to the subspace
+spanned by earlier tasks' inputs ``x`` of that layer, the adapter leaves those inputs' outputs unchanged, so the
+features of old classes drift far less, and a head fitted on them (ridge, NCM, frozen rows) stays valid.
+
+`InputSubspace` accumulates each HAM layer's input second moment ``sum x x^T`` while hooks are on
+(`collect`), turns it into a projector ``P = U U^T`` onto the top principal directions holding an ``energy``
+fraction of it (`update`, after each task), and `project_` replaces every ``A`` by ``A (I - P)``. Moments and
+projectors are fixed-size buffers (``in x in`` per layer), so the state is in the model's ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from ham_lightning.core.layer import HAMLayer
+
+
+def _flat_inputs(layer: HAMLayer, x: Tensor) -> Tensor:
+    """The layer's inputs as rows ``(N, in)``: tokens of a Linear, pixels of a 1x1 conv."""
+    if x.dim() == 4:  # (B, C, H, W) into a 1x1 conv
+        return x.permute(0, 2, 3, 1).reshape(-1, layer.in_features)
+    return x.reshape(-1, layer.in_features)
+
+
+class InputSubspace(nn.Module):
+    """Per-layer principal input subspace of the tasks seen so far, and the projection of new adapters off it.
+
+    Args:
+        layers: the controller's HAM layers by name.
+        energy: fraction of the accumulated input energy the kept subspace spans (GPM's threshold); 0 disables.
+    """
+
+    def __init__(self, layers: dict[str, HAMLayer], energy: float = 0.95) -> None:
+        super().__init__()
+        if not 0.0 <= energy < 1.0:
+            raise ValueError(f"energy must be in [0, 1) (0 disables the projection), got {energy}")
+        self.energy = energy
+        self._layers = dict(layers)  # not submodules: the model owns them
+        self._keys = {name: name.replace(".", "__") for name in layers}
+        for name, layer in layers.items():
+            key = self._keys[name]
+            self.register_buffer(f"moment__{key}", torch.zeros(layer.in_features, layer.in_features,
+                                                               dtype=torch.float64))
+            self.register_buffer(f"projector__{key}", torch.zeros(layer.in_features, layer.in_features))
+        self.register_buffer("rank", torch.zeros(len(layers), dtype=torch.long))
+
+    def moment(self, name: str) -> Tensor:
+        return getattr(self, f"moment__{self._keys[name]}")
+
+    def projector(self, name: str) -> Tensor:
+        return getattr(self, f"projector__{self._keys[name]}")
+
+    @contextmanager
+    def collect(self) -> Iterator[None]:
+        """While active, every forward of a HAM layer adds its inputs' ``x^T x`` to that layer's moment."""
+        handles = []
+        for name, layer in self._layers.items():
+            moment = self.moment(name)
+
+            def hook(module: nn.Module, args: tuple[Tensor, ...], moment: Tensor = moment) -> None:
+                x = _flat_inputs(module, args[0].detach()).to(moment.dtype)  # type: ignore[arg-type]
+                moment.add_(x.T @ x)
+
+            handles.append(layer.register_forward_pre_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Projectors onto the smallest set of principal directions holding ``energy`` of each layer's moment."""
+        for i, name in enumerate(self._layers):
+            moment = self.moment(name)
+            if self.energy == 0.0 or not moment.any():
+                continue
+            eigvals, eigvecs = torch.linalg.eigh(moment)  # ascending
+            eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)
+            cumulative = eigvals.cumsum(0) / eigvals.sum()
+            k = int((cumulative < self.energy).sum()) + 1
+            U = eigvecs[:, :k]
+            self.projector(name).copy_((U @ U.T).to(self.projector(name).dtype))
+            self.rank[i] = k
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """``A <- A (I - P)`` for every layer's active adapter (after each optimizer step and a reset)."""
+        if self.energy == 0.0:
+            return
+        for name, layer in self._layers.items():
+            P = self.projector(name)
+            if self.rank[list(self._layers).index(name)] > 0:
+                A = layer.lora_A
+                A.sub_(A @ P.to(A.dtype))
+
+    def ranks(self) -> dict[str, int]:
+        """Dimension of each layer's protected subspace (out of its input width)."""
+        return {name: int(r) for name, r in zip(self._layers, self.rank.tolist())}
