@@ -3,13 +3,40 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ham_lightning.core import algebra
+
+#: How a layer runs its occupied groups while their scalars train; see `HAMLayer.group_path`.
+GroupPath = Literal["auto", "lowrank", "merged", "merged_dense"]
+GROUP_PATHS: tuple[str, ...] = ("auto", "lowrank", "merged", "merged_dense")
+
+# Bumped by every optimizer step anywhere (one global post-step hook). Fused optimizers (``AdamW(fused=True)``)
+# write the parameters without bumping their version counters, so the counters alone would keep a merged
+# weight built from the scalars of the previous step.
+_optimizer_steps = 0
+_step_hook: Any = None
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _install_step_counter() -> None:
+    global _step_hook
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _refresh_after_load(module: HAMLayer, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook (a module-level function, so that a whole model still pickles)."""
+    module.refresh()
 
 
 def _is_compiling() -> bool:
@@ -34,79 +61,122 @@ def _compute_dtype(x: Tensor, weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype
 
 
-class _AddWithGroupScaleGrad(torch.autograd.Function):
-    """``y_frozen + y_active`` for 1x1 convolutions, whose backward also yields the groups' per-rank scales' grad.
+def group_path_costs(in_features: int, out_features: int, k: int, tokens: int, rebuild: bool) -> dict[str, int]:
+    """Multiply-adds one training step spends on ``k`` occupied rank-one group terms whose scalars train.
 
-    The groups' delta is fused into the frozen weight that produced ``y_frozen``, so autograd cannot see the
-    scales there. Their gradient is ``d scale_j = sum_pixels (B_groups^T dy)_j * h_j`` with ``h = A_groups x``
-    (computed in the forward without autograd). Written by hand for the reason given in `_HAMLinear`.
+    * ``lowrank``: the groups as a rank-``k`` product in the forward and in the input gradient;
+    * ``merged``: the groups merged into the frozen weight (rebuilt after each optimizer step), the scalars'
+      gradient from the rank-``k`` projections ``A_groups x`` and ``B_groups^T dy``;
+    * ``merged_dense``: merged as well, the scalars' gradient contracted from the dense weight gradient
+      ``dy^T x`` (what pays for small layers, where ``(in + out) k > in * out``).
+
+    ``tokens``: rows of the layer's input per step (pixels for a 1x1 conv). The single adapter's own work and
+    the frozen product are the same on every path, so they are left out.
     """
-
-    @staticmethod
-    def forward(ctx: Any, y_frozen: Tensor, y_active: Tensor, h: Tensor, B: Tensor, scale: Tensor) -> Tensor:
-        ctx.save_for_backward(h, B)
-        ctx.scale_dtype = scale.dtype
-        return y_frozen + y_active
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        h, B = ctx.saved_tensors
-        g = F.conv2d(dy, B.t().to(dy.dtype)[:, :, None, None])
-        acc = torch.promote_types(dy.dtype, torch.float32)  # bf16 products, summed in float32 (float64 stays)
-        d_scale = (g * h.to(dy.dtype)).sum(dim=(0, 2, 3), dtype=acc)
-        return dy, dy, None, None, d_scale.to(ctx.scale_dtype)
+    dense, thin = in_features * out_features, (in_features + out_features) * k
+    build = dense * k if rebuild else 0
+    return {"merged": thin * tokens + build, "lowrank": 2 * thin * tokens,
+            "merged_dense": dense * tokens + dense * k + build}
 
 
 class _HAMLinear(torch.autograd.Function):
-    """The whole HAM linear layer: ``y = x W^T + b + (x A_t^T * s_t) B_t^T`` with the groups fused in ``W``.
+    """The whole HAM linear layer: ``y = x W^T + b + (x A^T * scale) B^T``, one product of rank ``k + r`` each way.
 
-    With group factors (``A_g``: ``k x in``, ``B_g``: ``out x k``; only while the group scales need a gradient)
-    the first ``k`` entries of ``scale`` are the groups' per-rank scales and the last ``r`` the active adapter's.
-    The groups' and the active adapter's projections run as ONE product of rank ``k + r`` each way
-    (``x [A_g; A_t]^T`` forward, ``dy [B_g, B_t]`` backward): the rank-``r`` products alone are thin and run far
-    below the matrix units' rate, so the group scales' gradient costs little more than the adapter's own. No
-    weight gradient of the frozen ``W`` or group factors is formed. Written by hand because autograd would
-    compute the group factors' weight gradients (``dy^T h``, ``dh^T x``) and throw them away.
+    ``scale`` holds the ``k`` groups' per-rank scales, then the ``r`` active adapter's. By ``mode``:
+
+    * ``lowrank``: ``W`` is ``W0``; the groups run in the same low-rank product as the adapter;
+    * ``merged``: ``W`` has the groups merged in; their projections ``x A_g^T`` and ``dy B_g`` run with the
+      adapter's own only to give the scalars' gradient (``A_g``/``B_g`` are None when it is not needed);
+    * ``merged_dense``: as ``merged``, the scalars' gradient from the dense ``dy^T x``.
+
+    Written by hand because autograd would form the weight gradients of the concatenated factors (``dy^T h``,
+    ``dh^T x``) for the frozen group factors too, and could not run the merged weight and the scalars' gradient
+    as one. Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, A_g: Tensor | None,
-                B_g: Tensor | None, A_t: Tensor, B_t: Tensor, scale: Tensor) -> Tensor:
+                B_g: Tensor | None, A_t: Tensor, B_t: Tensor, scale: Tensor, mode: str) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):  # inputs come cast to the compute dtype
             x2 = x.reshape(-1, x.shape[-1])
             k = 0 if A_g is None else A_g.shape[0]
-            A = A_t if A_g is None else torch.cat([A_g, A_t])
+            project = k > 0 and mode != "merged_dense"
+            A = torch.cat([A_g, A_t]) if project else A_t
             h = x2 @ A.t()
-            u = h[:, k:] * scale[k:].to(h.dtype)
+            s = scale.to(h.dtype)
             y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
-            y.addmm_(u, B_t.t())
-        ctx.save_for_backward(x2, weight, h, A, B_g, B_t, scale)
-        ctx.k, ctx.x_shape = k, x.shape
+            if mode == "lowrank" and k:
+                y.addmm_(h * s, torch.cat([B_g, B_t], dim=1).t())
+            else:
+                y.addmm_(h[:, h.shape[1] - A_t.shape[0]:] * s[k:], B_t.t())
+        ctx.save_for_backward(x2, weight, h, A, A_g, B_g, B_t, scale)
+        ctx.k, ctx.mode, ctx.project, ctx.x_shape = k, mode, project, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x2, weight, h, A, B_g, B_t, scale = ctx.saved_tensors
-        k = ctx.k
+        x2, weight, h, A, A_g, B_g, B_t, scale = ctx.saved_tensors
+        k, mode, project = ctx.k, ctx.mode, ctx.project
+        r = B_t.shape[1]
         needs_x, needs_A, needs_B, needs_scale = (ctx.needs_input_grad[i] for i in (0, 5, 6, 7))
         dy2 = dy.reshape(-1, dy.shape[-1])
-        B = B_t if B_g is None else torch.cat([B_g, B_t], dim=1)
-        g = dy2 @ B  # (N, k + r)
+        g = dy2 @ (torch.cat([B_g, B_t], dim=1) if project else B_t)  # (N, k + r) or (N, r)
         s = scale.to(g.dtype)
-        g_t = g[:, k:] * s[k:]
+        s_h = s if project else s[k:]  # the scales of h's columns
+        acc = torch.promote_types(g.dtype, torch.float32)  # bf16 products, summed in float32 (float64 stays)
         d_x = d_A = d_B = d_scale = None
         if needs_scale:
-            acc = torch.promote_types(g.dtype, torch.float32)  # bf16 products, summed in float32
-            d_scale = (g * h).sum(0, dtype=acc).to(scale.dtype)
+            d_scale = (g * h).sum(0, dtype=acc)
+            if mode == "merged_dense" and k:
+                dW = (dy2.t() @ x2).to(acc)  # out x in: cheaper than the projections for small layers
+                d_groups = ((B_g.t().to(acc) @ dW) * A_g.to(acc)).sum(1)
+                d_scale = torch.cat([d_groups, d_scale])
+            d_scale = d_scale.to(scale.dtype)
+        gs = g * s_h
+        g_t = gs[:, gs.shape[1] - r:]
         if needs_A:
             d_A = g_t.t() @ x2
         if needs_B:
-            d_B = dy2.t() @ (h[:, k:] * s[k:])
+            d_B = dy2.t() @ (h[:, h.shape[1] - r:] * s[k:])
         if needs_x:
-            d_x = (dy2 @ weight).addmm_(g_t, A[k:]).view(ctx.x_shape)
-        return d_x, None, None, None, None, d_A, d_B, d_scale
+            if mode == "lowrank" and k:
+                d_x = (dy2 @ weight).addmm_(gs, A)
+            else:
+                d_x = (dy2 @ weight).addmm_(g_t, A[A.shape[0] - r:])
+            d_x = d_x.view(ctx.x_shape)
+        return d_x, None, None, None, None, d_A, d_B, d_scale, None
+
+
+class _AddWithGroupScaleGrad(torch.autograd.Function):
+    """``y_frozen + y_active`` for 1x1 convolutions whose groups are merged in the frozen weight, with the
+    groups' per-rank scales' gradient in the backward (autograd cannot see the scales inside the merged weight).
+
+    ``mode="merged"``: ``saved`` is ``h = A_groups x`` and ``d scale_j = sum_pixels (B_groups^T dy)_j * h_j``.
+    ``mode="merged_dense"``: ``saved`` is the input ``x`` and the gradient is contracted from the dense weight
+    gradient (`torch.nn.grad.conv2d_weight`): ``d scale_j = B_j^T (dy x^T) A_j``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y_frozen: Tensor, y_active: Tensor, saved: Tensor, A: Tensor, B: Tensor,
+                scale: Tensor, mode: str, conv: dict[str, Any]) -> Tensor:
+        ctx.save_for_backward(saved, A, B)
+        ctx.scale_dtype, ctx.mode, ctx.conv = scale.dtype, mode, conv
+        return y_frozen + y_active
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        saved, A, B = ctx.saved_tensors
+        acc = torch.promote_types(dy.dtype, torch.float32)  # bf16 products, summed in float32 (float64 stays)
+        if ctx.mode == "merged":
+            g = F.conv2d(dy, B.t().to(dy.dtype)[:, :, None, None])
+            d_scale = (g * saved.to(dy.dtype)).sum(dim=(0, 2, 3), dtype=acc)
+        else:
+            shape = (B.shape[0], A.shape[1], 1, 1)
+            dW = torch.nn.grad.conv2d_weight(saved.to(dy.dtype), shape, dy, **ctx.conv).flatten(1).to(acc)
+            d_scale = ((B.t().to(acc) @ dW) * A.to(acc)).sum(1)
+        return dy, dy, None, None, None, d_scale.to(ctx.scale_dtype), None, None
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -126,18 +196,24 @@ class HAMLayer(nn.Module):
 
     The slots are fixed-size buffers laid out rank-major (``group_A``: ``R x G x in``, ``group_B``:
     ``out x R x G``), so the first ``r * G`` rank-one terms of all slots are one contiguous slice: all groups are
-    ONE low-rank product of rank ``k = r_used * G`` (`_low_rank_weights` gives it with the active adapter).
-    Unused rank rows are zero. The set of parameters never changes across tasks: one optimizer, fixed
-    checkpoints, DDP-safe (empty slots still take part in the graph through their scalar).
+    ONE low-rank product of rank ``k = r_used * G``. Unused rank rows are zero. The set of parameters never
+    changes across tasks: one optimizer, fixed checkpoints, DDP-safe (empty slots still take part in the graph
+    through their scalar).
 
-    Forward: the groups are frozen for the whole task, so their product is fused into the frozen weight,
-    ``W_g = W0 + s * B_groups diag(c) A_groups`` (one ``out x k x in`` product, cached while ``W0``, the slots and
-    the scalars ``c`` are unchanged: across inference calls, and rebuilt once per optimizer step while ``c``
-    trains). The step then costs the single-adapter step plus, only while ``c`` needs a gradient, the rank-``k``
-    projections ``A_groups x`` (forward) and ``B_groups^T dy`` (backward) that give that gradient, run in one
-    product with the active adapter's own (`_HAMLinear`). The cache is keyed on the tensors' version counters and
-    storage, so in-place merges, ``load_state_dict``, optimizer steps and ``.to()`` invalidate it; reading it
-    needs no host-device sync. Not twice differentiable (``create_graph`` through a HAM layer raises).
+    The groups are frozen for the whole task, so by default their product is merged into the frozen weight,
+    ``W_g = W0 + s * B_groups diag(c) A_groups`` (`fused_weight`: one ``out x k x in`` product, cached while
+    ``W0``, the slots and the scalars ``c`` are unchanged: across inference calls, for the whole task when ``c``
+    is frozen, and rebuilt once per optimizer step while ``c`` trains). While ``c`` needs a gradient the layer
+    picks per call the cheapest exact way to give it (`group_path_costs`, from its shape and the rows of the
+    input): the rank-``k`` projections beside the merged weight (``merged``), the dense weight gradient beside
+    it (``merged_dense``: small layers and 1x1 convs, where ``(in + out) k > in * out``), or no merged weight
+    at all (``lowrank``: few rows per step). ``group_path`` forces one (``lowrank`` also for inference).
+
+    The cache is keyed on the tensors' version counters and storages and on a global count of optimizer steps,
+    so in-place merges, ``load_state_dict``, optimizer steps (fused ones too) and ``.to()`` invalidate it;
+    reading it needs no host-device sync. Writes through ``.data`` bypass the version counters: call
+    `refresh` after them. Not twice differentiable (``create_graph`` through a HAM layer raises), except when
+    the base weight or bias is made trainable: the layer then runs plain autograd (`_forward_reference`).
 
     ``importance`` (``a_t``, shape ``()``) and ``group_scalars`` (``c``, shape ``(G,)``) may be Parameters shared
     by every layer of the adapter (``scalar_granularity="adapter"``) or owned by this layer alone.
@@ -152,6 +228,7 @@ class HAMLayer(nn.Module):
         scaling: float,
         importance: nn.Parameter,
         group_scalars: nn.Parameter,
+        group_path: GroupPath = "auto",
     ) -> None:
         super().__init__()
         if not is_adaptable(base):
@@ -163,6 +240,7 @@ class HAMLayer(nn.Module):
         self.in_features = base.in_channels if self.is_conv else base.in_features
         self.out_features = base.out_channels if self.is_conv else base.out_features
         self.rank, self.max_groups, self.group_rank, self.scaling = rank, max_groups, group_rank, scaling
+        self.group_path = group_path
         weight = base.weight
         factory = {"device": weight.device, "dtype": torch.float32 if weight.dtype in (torch.float16, torch.bfloat16)
                    else weight.dtype}
@@ -179,12 +257,29 @@ class HAMLayer(nn.Module):
         self._active_group_rank = 0
         # (key, W_g): the groups fused into the frozen weight, see `fused_weight`. Not state: never saved.
         self._fused: tuple[tuple, Tensor] | None = None
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+        _install_step_counter()
+
+    @property
+    def group_path(self) -> str:
+        """``auto`` (by cost, per call), or one forced path: ``lowrank``, ``merged``, ``merged_dense``."""
+        return self._group_path
+
+    @group_path.setter
+    def group_path(self, value: str) -> None:
+        if value not in GROUP_PATHS:
+            raise ValueError(f"group_path must be one of {GROUP_PATHS}, got {value!r}")
+        self._group_path = value
 
     def refresh(self) -> None:
         """Re-read the slot ranks after the buffers changed (a merge, ``load_state_dict``); drop the fused weight."""
         self._active_group_rank = int(self.group_rank_used.max().item()) if self.max_groups else 0
         self._fused = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fused"] = None  # pickle and deepcopy: a cache, not state
+        return state
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> HAMLayer:
         self._fused = None  # .to(), .cuda(), .half(), ...: the cached weight would be stale (and hold memory)
@@ -199,6 +294,9 @@ class HAMLayer(nn.Module):
     def set_slot(self, g: int, B: Tensor, A: Tensor) -> None:
         """Write factors of rank at most ``group_rank`` into slot ``g`` (zeroing the rest)."""
         k = B.shape[1]
+        if B.shape[0] != self.out_features or A.shape != (k, self.in_features):
+            raise ValueError(f"slot factors must be B: ({self.out_features}, k) and A: (k, {self.in_features}), "
+                             f"got B {tuple(B.shape)} and A {tuple(A.shape)}")
         if k > self.group_rank:
             raise ValueError(f"rank {k} exceeds the slot cap {self.group_rank}; truncate first")
         self.group_B[:, :, g].zero_()
@@ -255,19 +353,11 @@ class HAMLayer(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------------------
     def _low_rank_weights(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``A_all``, ``B_all`` and the per-rank scale vector of the single low-rank product."""
-        k = self._active_group_rank * self.max_groups
-        rank_scale = self.importance.expand(self.rank)
-        if k == 0:
-            # Keep the group scalars in the graph so DDP sees every parameter used (their grad is zero).
-            rank_scale = rank_scale + 0.0 * self.group_scalars.sum()
-            return self.lora_A, self.lora_B, rank_scale * self.scaling
-        A_groups = self.group_A.view(-1, self.in_features)[:k]
-        B_groups = self.group_B.view(self.out_features, -1)[:, :k]
-        group_scale = (self.group_scalars * self.group_occupied).repeat(self._active_group_rank)
-        A_all = torch.cat([A_groups, self.lora_A], dim=0)
-        B_all = torch.cat([B_groups, self.lora_B], dim=1)
-        return A_all, B_all, torch.cat([group_scale, rank_scale]) * self.scaling
+        """``A_all``, ``B_all`` and the per-rank scale vector of the groups and the adapter as one product."""
+        A_g, B_g, group_scale = self._group_weights()
+        rank_scale = self.importance.expand(self.rank) * self.scaling
+        return (torch.cat([A_g, self.lora_A], dim=0), torch.cat([B_g, self.lora_B], dim=1),
+                torch.cat([group_scale, rank_scale]))
 
     def _group_weights(self) -> tuple[Tensor, Tensor, Tensor]:
         """``A_groups`` (``k x in``), ``B_groups`` (``out x k``) and their per-rank scale ``s * c * occupied``."""
@@ -277,74 +367,131 @@ class HAMLayer(nn.Module):
         group_scale = (self.group_scalars * self.group_occupied).repeat(self._active_group_rank) * self.scaling
         return A_groups, B_groups, group_scale
 
+    def _fused_key(self, dtype: torch.dtype) -> tuple:
+        sources = (self.base.weight, self.group_A, self.group_B, self.group_scalars, self.group_occupied)
+        steps = _optimizer_steps if self.group_scalars.requires_grad else None
+        return (dtype, self._active_group_rank, steps, *((t.data_ptr(), t._version) for t in sources))
+
+    def _fused_is_current(self, dtype: torch.dtype) -> bool:
+        return not _is_compiling() and self._fused is not None and self._fused[0] == self._fused_key(dtype)
+
     @torch.no_grad()
     def fused_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """``W0 + s * sum_g c_g B_g A_g``: the frozen weight with every group fused in (no active adapter).
 
         Cached until ``W0``, a slot, an occupancy flag or a group scalar changes (their version counters and
-        storages are the key), or the compute dtype or inference mode changes.
+        storages, and the optimizer steps taken, are the key), or the compute dtype changes. Under
+        ``torch.compile`` it is rebuilt by the traced graph on every call.
         """
         weight = self.base.weight
         dtype = dtype or weight.dtype
-        sources = (weight, self.group_A, self.group_B, self.group_scalars, self.group_occupied)
-        compiling = _is_compiling()  # traced graphs rebuild it: no Python-side cache inside a graph
-        if not compiling:
-            key = (dtype, self._active_group_rank, torch.is_inference_mode_enabled(),
-                   *((t.data_ptr(), t._version) for t in sources))
-            if self._fused is not None and self._fused[0] == key:
-                return self._fused[1]
-        A, B, scale = self._group_weights()
-        flat = weight.reshape(self.out_features, self.in_features)
-        fused = torch.addmm(flat.to(B.dtype), B * scale, A).to(dtype).view_as(weight)
-        if not compiling:
-            self._fused = (key, fused)
+        if _is_compiling():  # no Python-side cache inside a traced graph
+            return self._build_fused(dtype)
+        key = self._fused_key(dtype)
+        if self._fused is not None and self._fused[0] == key:
+            return self._fused[1]
+        # A normal tensor, usable by training after an inference-mode call (inference_mode(False) turns grad
+        # mode back on: no_grad after it, or the scalars' gradient would also flow through the merged weight).
+        with torch.inference_mode(False), torch.no_grad():
+            fused = self._build_fused(dtype)
+        self._fused = (key, fused)
         return fused
 
+    def _build_fused(self, dtype: torch.dtype) -> Tensor:
+        weight = self.base.weight
+        A, B, scale = self._group_weights()
+        flat = weight.reshape(self.out_features, self.in_features)
+        return torch.addmm(flat.to(B.dtype), B * scale, A).to(dtype).view_as(weight)
+
+    def _plan(self, tokens: int, dtype: torch.dtype) -> tuple[str, bool]:
+        """The path of this call and whether the group scalars need a gradient.
+
+        Paths: ``single`` (no occupied group), ``lowrank``, ``merged``, ``merged_dense`` (see the class).
+        """
+        k = self._active_group_rank * self.max_groups
+        if k == 0:
+            return "single", False
+        c_grad = torch.is_grad_enabled() and self.group_scalars.requires_grad
+        path = self._group_path
+        if path == "auto":
+            if not c_grad:
+                return "merged", False  # built once and reused while c is constant
+            costs = group_path_costs(self.in_features, self.out_features, k, tokens,
+                                     rebuild=not self._fused_is_current(dtype))
+            path = min(costs, key=costs.__getitem__)
+        return path, c_grad
+
+    def _base_trains(self) -> bool:
+        return any(p.requires_grad for p in self.base.parameters())
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._base_trains():
+            return self._forward_reference(x)
         if self.is_conv:
             return self._forward_conv(x)
         base = self.base
         dtype = _compute_dtype(x, base.weight.dtype)
         rank_scale = self.importance.expand(self.rank) * self.scaling
-        k = self._active_group_rank * self.max_groups
+        path, c_grad = self._plan(x.numel() // self.in_features, dtype)
         A_g = B_g = None
-        if k == 0:
+        if path == "single":
             # Keep the group scalars in the graph so DDP sees every parameter used (their grad is zero).
             scale = rank_scale + 0.0 * self.group_scalars.sum()
             weight = base.weight
         else:
-            weight = self.fused_weight(dtype)
+            weight = base.weight if path == "lowrank" else self.fused_weight(dtype)
             scale = rank_scale
-            if torch.is_grad_enabled() and self.group_scalars.requires_grad:
+            if path == "lowrank" or c_grad:
                 A_g, B_g, group_scale = self._group_weights()
                 A_g, B_g = A_g.to(dtype), B_g.to(dtype)
                 scale = torch.cat([group_scale, rank_scale])
         bias = None if base.bias is None else base.bias.to(dtype)
         return _HAMLinear.apply(x.to(dtype), weight.to(dtype), bias, A_g, B_g, self.lora_A.to(dtype),
-                                self.lora_B.to(dtype), scale)
+                                self.lora_B.to(dtype), scale, path)
 
     def _forward_conv(self, x: Tensor) -> Tensor:
-        """1x1 convolutions: the same arithmetic through conv ops (groups fused in the weight as for Linear)."""
+        """1x1 convolutions: the same arithmetic through conv ops, and the same paths."""
         base = self.base
+        conv = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
         rank_scale = self.importance.expand(self.rank) * self.scaling
-        k = self._active_group_rank * self.max_groups
-        if k == 0:
+        pixels = [(n + 2 * p - 1) // s + 1 for n, p, s in zip(x.shape[-2:], base.padding, base.stride)]
+        tokens = (x.numel() // (self.in_features * x.shape[-2] * x.shape[-1])) * pixels[0] * pixels[1]
+        dtype = _compute_dtype(x, base.weight.dtype)
+        path, c_grad = self._plan(tokens, dtype)
+        if path == "single":
             rank_scale = rank_scale + 0.0 * self.group_scalars.sum()  # DDP: every parameter in the graph
             y_frozen = base(x)
+        elif path == "lowrank":
+            A_g, B_g, group_scale = self._group_weights()
+            h = F.conv2d(x, A_g.to(x.dtype)[:, :, None, None], None, **conv)
+            y_groups = F.conv2d(h * group_scale.to(h.dtype)[None, :, None, None], B_g.to(x.dtype)[:, :, None, None])
+            y_frozen = base(x) + y_groups
         else:
-            weight = self.fused_weight(_compute_dtype(x, base.weight.dtype))
-            y_frozen = F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation)
+            y_frozen = F.conv2d(x, self.fused_weight(dtype), base.bias, **conv)
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        h = F.conv2d(x, A[:, :, None, None], None, base.stride, base.padding, base.dilation)
+        h = F.conv2d(x, A[:, :, None, None], None, **conv)
         y_active = F.conv2d(h * rank_scale.to(h.dtype)[None, :, None, None], B[:, :, None, None])
-        if k == 0 or not (torch.is_grad_enabled() and self.group_scalars.requires_grad):
+        if path in ("single", "lowrank") or not c_grad:
             return y_frozen + y_active
-        A_groups, B_groups, group_scale = self._group_weights()
-        with torch.no_grad():  # the group scales' gradient needs the projection A_groups x (see the Function)
-            h = F.conv2d(x, A_groups.to(x.dtype)[:, :, None, None], None, base.stride, base.padding,
-                         base.dilation)
-        return _AddWithGroupScaleGrad.apply(y_frozen, y_active, h, B_groups, group_scale)
+        A_g, B_g, group_scale = self._group_weights()
+        if path == "merged":  # the group scales' gradient needs the projection A_groups x (see the Function)
+            with torch.no_grad():
+                saved = F.conv2d(x, A_g.to(x.dtype)[:, :, None, None], None, **conv)
+        else:
+            saved = x.detach()
+        return _AddWithGroupScaleGrad.apply(y_frozen, y_active, saved, A_g, B_g, group_scale, path, conv)
+
+    def _forward_reference(self, x: Tensor) -> Tensor:
+        """Plain autograd over the dense delta: used when the base weight or bias trains (the fast paths give them
+        no gradient), and twice differentiable."""
+        base = self.base
+        A_g, B_g, group_scale = self._group_weights()
+        delta = (B_g * group_scale) @ A_g + (self.lora_B * (self.importance * self.scaling)) @ self.lora_A
+        weight = base.weight + delta.to(base.weight.dtype).view_as(base.weight)
+        if self.is_conv:
+            return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation)
+        return F.linear(x, weight, base.bias)
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, max_groups={self.max_groups}, group_rank={self.group_rank}, "
-                f"scaling={self.scaling:g}")
+                f"scaling={self.scaling:g}, group_path={self.group_path}")
