@@ -1,4 +1,4 @@
-"""Continual-learning metrics: the accuracy matrix and what protocol.md derives from it.
+"""Continual-learning metrics: one torchmetrics `TaskAccuracy` for every accuracy reported, and the accuracy matrix.
 
 ``A[i][j]`` is the micro accuracy on task ``j``'s test set after training task ``i`` (``j <= i``), predictions made
 among every class seen so far. Counts (correct, total) are kept so union accuracies are exact micro averages.
@@ -6,13 +6,20 @@ among every class seen so far. Counts (correct, total) are kept so union accurac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
-from torchmetrics.classification import MulticlassStatScores
+from torch.utils.data import DataLoader
+from torchmetrics import Metric
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
 
 Counts = tuple[int, int]  # (correct, total)
 
@@ -42,39 +49,117 @@ def continual_metrics(rows: Sequence[Sequence[Counts]]) -> dict[str, object]:
     }
 
 
-def _shard(loader: DataLoader) -> DataLoader:
-    """Under torch.distributed, the rank's strided share of the loader's dataset (no padding, exact counts)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+class TaskAccuracy(Metric):
+    """Micro accuracy of each task: per-task correct and total counts, summed over processes under DDP.
+
+    Every accuracy the project reports comes from it: the accuracy matrix at task boundaries (`evaluate_tasks`)
+    and the ``val`` / ``test`` accuracies of `HAMModule`. ``update`` takes logits (``N x C``, argmax taken) or
+    predicted classes (``N``) and the task the batch belongs to.
+
+    Example:
+        >>> metric = TaskAccuracy(num_tasks=2)
+        >>> metric.update(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]), task=0)
+        >>> metric.update(torch.tensor([1, 1, 0]), torch.tensor([1, 0, 0]), task=1)
+        >>> metric.counts()
+        [(1, 2), (2, 3)]
+        >>> metric.compute()
+        tensor([0.5000, 0.6667])
+        >>> metric.log_dict("val")
+        {'val/acc_task_0': tensor(0.5000), 'val/acc_task_1': tensor(0.6667)}
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    correct: Tensor
+    total: Tensor
+
+    def __init__(self, num_tasks: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        self.num_tasks = num_tasks
+        self.add_state("correct", default=torch.zeros(num_tasks, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(num_tasks, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor, task: int = 0) -> None:
+        """Count ``preds`` (logits or classes) against ``target`` for ``task``."""
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"task {task} is outside 0..{self.num_tasks - 1}: create TaskAccuracy(num_tasks=...) "
+                             "with room for every task")
+        if preds.ndim == target.ndim + 1:
+            preds = preds.argmax(dim=-1)
+        if preds.shape != target.shape:
+            raise ValueError(f"preds of shape {tuple(preds.shape)} do not match target of shape {tuple(target.shape)}")
+        self.correct[task] += (preds == target).sum()
+        self.total[task] += target.numel()
+
+    def compute(self) -> Tensor:
+        """Accuracy (a fraction) of each task; 0 for a task without samples."""
+        return self.correct.double().div(self.total.clamp_min(1)).float()
+
+    def counts(self) -> list[Counts]:
+        """``(correct, total)`` of each task, summed over processes."""
+        with self.sync_context():
+            return [(int(c), int(n)) for c, n in zip(self.correct.tolist(), self.total.tolist())]
+
+    def log_dict(self, prefix: str) -> dict[str, Tensor]:
+        """``{prefix}/acc_task_{j}`` for every task that has samples, for ``LightningModule.log_dict``."""
+        acc = self.compute()
+        with self.sync_context():
+            present = (self.total > 0).tolist()
+        return {f"{prefix}/acc_task_{j}": acc[j] for j in range(self.num_tasks) if present[j]}
+
+
+def _rank_share(loader: DataLoader, rank: int, world: int) -> DataLoader:
+    """The rank's strided share of ``loader``'s dataset, unpadded so every sample is counted exactly once.
+
+    Lightning's own distributed sampler for evaluation pads the last batch by repeating samples, which would
+    count them twice; its `UnrepeatedDistributedSampler` does not.
+    """
+    if world == 1:
         return loader
-    rank, world = dist.get_rank(), dist.get_world_size()
-    subset = Subset(loader.dataset, range(rank, len(loader.dataset), world))  # type: ignore[arg-type]
-    return DataLoader(subset, batch_size=loader.batch_size, num_workers=loader.num_workers,
+    sampler = UnrepeatedDistributedSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=False)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
 
 
 @torch.no_grad()
 def evaluate_tasks(
-    logits_fn: Callable[[Tensor], Tensor],
-    loaders: Iterable[DataLoader],
+    model: Callable[[Any], Tensor],
+    loaders: Sequence[DataLoader],
     seen_classes: Sequence[int],
     num_classes: int,
     device: torch.device,
+    trainer: Trainer | None = None,
 ) -> list[Counts]:
-    """(correct, total) per loader, predicting among ``seen_classes`` only; summed over ranks under DDP."""
+    """(correct, total) per loader (one per task), predicting among ``seen_classes`` only; summed over ranks.
+
+    Batches are ``(x, y)`` where ``x`` is a tensor or any collection of tensors (a dict of cached features), given
+    to ``model`` as is after moving to ``device``. With ``trainer``, the forward runs in its precision context
+    (autocast for mixed precision, the input conversion of true half precision) and each rank evaluates its
+    share of every loader; without, the share comes from ``torch.distributed`` when it is initialised.
+    """
+    if trainer is not None:
+        rank, world = trainer.global_rank, trainer.world_size
+        precision = trainer.precision_plugin
+        convert, context = precision.convert_input, precision.forward_context
+    else:
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        convert, context = (lambda batch: batch), contextlib.nullcontext
     seen = torch.zeros(num_classes, dtype=torch.bool, device=device)
     seen[torch.as_tensor(list(seen_classes), device=device)] = True
-    out = []
-    for loader in loaders:
-        stats = MulticlassStatScores(num_classes=num_classes, average="micro").to(device)
-        for x, y in _shard(loader):
-            logits = logits_fn(x.to(device, non_blocking=True))
+    metric = TaskAccuracy(num_tasks=max(1, len(loaders))).to(device)
+    for task, loader in enumerate(loaders):
+        for batch in _rank_share(loader, rank, world):
+            x, y = move_data_to_device(convert(batch), device)
+            with context():
+                logits = model(x)
             if logits.shape[-1] != num_classes:
                 raise ValueError(
                     f"The model returns {logits.shape[-1]} logits but the scenario has {num_classes} classes: give the "
                     f"model's head num_classes={num_classes} (the datamodule's num_classes)."
                 )
-            preds = logits.float().masked_fill(~seen, float("-inf")).argmax(dim=1)
-            stats.update(preds, y.to(device))
-        tp, _, _, _, support = stats.compute().tolist()  # micro: tp = correct, support = total
-        out.append((int(tp), int(support)))
-    return out
+            metric.update(logits.float().masked_fill(~seen, float("-inf")), y, task=task)
+    return metric.counts()[: len(loaders)]

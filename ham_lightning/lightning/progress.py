@@ -6,7 +6,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from typing_extensions import override
 
-from ham_lightning.lightning.sequence import ContinualEvaluation
+from ham_lightning.lightning.sequence import ContinualEvaluation, resolve_epochs_per_task
 
 
 class TaskProgressBar(TQDMProgressBar):
@@ -28,7 +28,7 @@ def task_description(trainer: Trainer) -> str | None:
         return None
     task = min(continual.current_task, datamodule.num_tasks - 1)
     text = f"Task {task + 1}/{datamodule.num_tasks}"
-    epochs = continual.epochs_per_task or getattr(datamodule, "epochs_per_task", None)
+    epochs = resolve_epochs_per_task(continual, datamodule)
     if epochs:
         text += f" · Epoch {trainer.current_epoch - continual.task_start_epoch + 1}/{epochs}"
     return text

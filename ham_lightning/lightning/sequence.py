@@ -24,6 +24,25 @@ from ham_lightning.lightning.evaluation import Counts, continual_metrics, evalua
 from ham_lightning.lightning.task_protocol import TaskProtocol, check_task_protocol
 
 
+def resolve_epochs_per_task(callback: ContinualEvaluation | None, datamodule: Any) -> int | None:
+    """The one ``epochs_per_task`` of a sequence: the callback's or the datamodule's, whichever is set.
+
+    Both may be set only to the same value; otherwise a `MisconfigurationException` names both and says which
+    to keep. ``None`` when neither is set (a task then ends with each ``fit``). Used by `ContinualEvaluation`, the
+    progress bar and the CLI (which sizes ``max_epochs`` with it).
+    """
+    own = callback.epochs_per_task if callback is not None else None
+    data = getattr(datamodule, "epochs_per_task", None) if datamodule is not None else None
+    if own is not None and data is not None and own != data:
+        raise MisconfigurationException(
+            f"epochs_per_task is set twice with different values: {type(callback).__name__}(epochs_per_task={own}) "
+            f"(CLI: --merge.epochs_per_task) and {type(datamodule).__name__}(epochs_per_task={data}) (CLI: "
+            "--data.epochs_per_task). The datamodule owns the task schedule: keep its value and remove the "
+            f"callback's (or set both to the same value)."
+        )
+    return own if own is not None else data
+
+
 def peak_memory(device: torch.device) -> dict[str, Any]:
     """Peak memory of the task: CUDA allocator peak on a GPU, else the process's peak resident set (monotone)."""
     if device.type == "cuda":
@@ -42,7 +61,8 @@ class ContinualEvaluation(Callback):
 
     Args:
         epochs_per_task: epochs of each task; ``None`` reads the datamodule's ``epochs_per_task`` and, if that is
-            ``None`` too, ends a task at the end of each ``fit``.
+            ``None`` too, ends a task at the end of each ``fit``. Setting both to different values is an error
+            (`resolve_epochs_per_task`).
         evaluate: evaluate every seen task at each boundary (the accuracy matrix); off only to save time.
     """
 
@@ -93,9 +113,7 @@ class ContinualEvaluation(Callback):
         return check_task_protocol(trainer.datamodule)
 
     def _resolved_epochs_per_task(self, trainer: Trainer) -> int | None:
-        if self.epochs_per_task is not None:
-            return self.epochs_per_task
-        return getattr(trainer.datamodule, "epochs_per_task", None)
+        return resolve_epochs_per_task(self, trainer.datamodule)
 
     @staticmethod
     def _call_module(pl_module: LightningModule, hook: str, *args: Any) -> None:
@@ -112,6 +130,7 @@ class ContinualEvaluation(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dm = self._datamodule(trainer)
+        self._resolved_epochs_per_task(trainer)  # a conflicting setting fails before anything trains
         if trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs:
             raise MisconfigurationException(
                 f"This Trainer already ran {trainer.current_epoch} of max_epochs={trainer.max_epochs} epochs, so "
@@ -191,7 +210,7 @@ class ContinualEvaluation(Callback):
             loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
             was_training = pl_module.training
             pl_module.eval()
-            row = evaluate_tasks(pl_module, loaders[: task + 1], seen, dm.num_classes, pl_module.device)
+            row = evaluate_tasks(pl_module, loaders[: task + 1], seen, dm.num_classes, pl_module.device, trainer)
             pl_module.train(was_training)
             self.rows.append(row)
             summary = continual_metrics(self.rows)

@@ -49,3 +49,43 @@ def test_evaluate_tasks_refuses_a_head_of_the_wrong_size() -> None:
     loader = DataLoader(TensorDataset(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)))
     with pytest.raises(ValueError, match="returns 3 logits but the scenario has 6 classes"):
         evaluate_tasks(lambda b: torch.zeros(b.shape[0], 3), [loader], [0], 6, torch.device("cpu"))
+
+
+def test_task_accuracy_counts_per_task_and_reports_fractions() -> None:
+    from ham_lightning.lightning.evaluation import TaskAccuracy
+
+    metric = TaskAccuracy(num_tasks=3)
+    metric.update(torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), torch.tensor([1, 1, 1]), task=0)  # 2 of 3
+    metric.update(torch.tensor([4, 4]), torch.tensor([4, 0]), task=2)  # class indices: 1 of 2
+    assert metric.counts() == [(2, 3), (0, 0), (1, 2)]
+    torch.testing.assert_close(metric.compute(), torch.tensor([2 / 3, 0.0, 0.5]))
+    assert set(metric.log_dict("test")) == {"test/acc_task_0", "test/acc_task_2"}  # task 1 has no samples
+    with pytest.raises(ValueError, match=r"task 3 is outside 0\.\.2"):
+        metric.update(torch.tensor([0]), torch.tensor([0]), task=3)
+    with pytest.raises(ValueError, match="do not match target"):
+        metric.update(torch.tensor([0, 1]), torch.tensor([0]), task=0)
+    metric.reset()
+    assert metric.counts() == [(0, 0)] * 3
+
+
+def test_evaluate_tasks_runs_in_the_trainer_precision_context_on_dict_inputs() -> None:
+    from toy import quiet_trainer
+
+    calls: list[tuple[bool, torch.dtype]] = []
+
+    def model(x: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = x["prefix"]
+        calls.append((torch.is_autocast_enabled("cpu"), h.dtype))
+        out = torch.nn.functional.linear(h, torch.eye(6, 2))  # autocast makes this bf16
+        return out
+
+    h = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    y = torch.tensor([0, 1, 1])
+    loader = DataLoader([({"prefix": h[i]}, y[i]) for i in range(3)], batch_size=2)  # default collate: dict of tensors
+    trainer = quiet_trainer(precision="bf16-mixed")
+    counts = evaluate_tasks(model, [loader], [0, 1], 6, torch.device("cpu"), trainer=trainer)
+    assert counts == [(2, 3)]
+    assert calls and all(enabled for enabled, _ in calls)
+    calls.clear()
+    assert evaluate_tasks(model, [loader], [0, 1], 6, torch.device("cpu")) == [(2, 3)]  # no trainer: as is
+    assert calls and not any(enabled for enabled, _ in calls)
