@@ -56,6 +56,20 @@ def test_smoke_run_writes_json_and_markdown(throughput: ModuleType, tmp_path: Pa
     assert rows[0]["stored_adapter_bytes"] == rows[1]["stored_adapter_bytes"] > 0  # flat once the slots are full
     for item in on_disk["headline"].values():
         assert _positive(item["value"]), item
+    ratios = ("ham_vs_single_step_ratio", "ham_vs_peft_step_ratio", "folded_vs_bare_inference_ratio",
+              "unfolded_vs_bare_inference_ratio", "merge_seconds", "stored_bytes_T100_vs_T10",
+              "peak_memory_T100_vs_T10")
+    for key in ratios:  # issue 12's keys, flat at the top level
+        assert _positive(on_disk[key]), key
+    assert on_disk["ham_vs_single_step_ratio"] == on_disk["train"]["ham_cap"]["ratio_vs_single"]
+    assert on_disk["stored_bytes_T100_vs_T10"] == 1.0 and on_disk["memory_tasks_compared"] == [2, 4]
+    assert on_disk["command"] == "smoke" and on_disk["versions"]["torch"] and on_disk["machine"]["cpu_count"]
+    paths = on_disk["paths"]["rows"]
+    assert [(r["kind"], r["in"], r["out"]) for r in paths] == [("linear", 48, 96), ("conv", 8, 16)]
+    for r in paths:
+        assert set(r["ms"]) == {"auto", "lowrank", "merged", "merged_dense"} and all(map(_positive, r["ms"].values()))
+        assert r["auto_chose"] == min(r["model_costs"], key=r["model_costs"].get)
+        assert r["k"] == 2 * 4  # smoke: 2 slots at rank cap 4
 
 
 def test_cli_overrides_and_gpu_preset(throughput: ModuleType) -> None:
