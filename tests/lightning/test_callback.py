@@ -147,3 +147,30 @@ def test_ddp_two_processes_end_with_identical_slots(tmp_path: Path) -> None:
     for k, v in ranks[0]["state"].items():
         assert torch.equal(v, ranks[1]["state"][k]), k
     assert any(v.abs().sum() > 0 for k, v in ranks[0]["state"].items() if "group_B" in k)
+
+
+def test_conflicting_epochs_per_task_is_refused_with_what_to_keep() -> None:
+    from ham_lightning.lightning.progress import task_description
+    from ham_lightning.lightning.sequence import resolve_epochs_per_task
+
+    cb = hl.HierarchicalMergeCallback(epochs_per_task=2)
+    with pytest.raises(MisconfigurationException,
+                       match=r"HierarchicalMergeCallback\(epochs_per_task=2\).*ToyTaskData\(epochs_per_task=3\).*"
+                             r"keep its value and remove the callback's"):
+        quiet_trainer(max_epochs=6, reload_dataloaders_every_n_epochs=1, callbacks=[cb]).fit(
+            toy_model(), ToyTaskData(epochs_per_task=3))
+    assert cb.current_task == 0 and not cb.rows  # refused before anything trained
+    assert resolve_epochs_per_task(cb, ToyTaskData(epochs_per_task=2)) == 2  # the same value twice is fine
+    assert resolve_epochs_per_task(cb, ToyTaskData()) == 2
+    assert resolve_epochs_per_task(hl.HierarchicalMergeCallback(), ToyTaskData(epochs_per_task=3)) == 3
+    assert resolve_epochs_per_task(hl.HierarchicalMergeCallback(), None) is None
+
+    class Stub:  # what task_description reads from a trainer
+        callbacks = [hl.HierarchicalMergeCallback()]
+        datamodule = ToyTaskData(epochs_per_task=3)
+        current_epoch = 1
+
+    assert task_description(Stub()) == "Task 1/3 · Epoch 2/3"  # type: ignore[arg-type]
+    Stub.callbacks = [cb]
+    with pytest.raises(MisconfigurationException, match="set twice"):
+        task_description(Stub())  # type: ignore[arg-type]
