@@ -1,10 +1,8 @@
-"""CIFAR-100 from the ``cifar-100-python`` pickles (torchvision's layout)."""
+"""CIFAR-100 from the ``cifar-100-python`` pickles (torchvision's layout), read by torchvision's `CIFAR100`."""
 
 from __future__ import annotations
 
-import pickle
-from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 from torchvision.datasets import CIFAR100
@@ -14,6 +12,19 @@ from .base import DatasetReader, Split, SplitData
 
 FOLDER = "cifar-100-python"
 FILES = ("train", "test", "meta")
+
+
+class _CIFAR100Files(CIFAR100):
+    """torchvision's `CIFAR100` reading ``root/{train,test,meta}`` and checking that they exist, not their md5.
+
+    torchvision re-hashes the official files on every construction; here the archive's md5 is checked once, when
+    `Cifar100Reader.prepare` downloads it, so a copy extracted elsewhere (and the tests' small layouts) loads.
+    """
+
+    base_folder = ""  # root is the pickle folder itself
+    train_list: ClassVar[list[list[str | None]]] = [[name, None] for name, _ in CIFAR100.train_list]
+    test_list: ClassVar[list[list[str | None]]] = [[name, None] for name, _ in CIFAR100.test_list]
+    meta: ClassVar[dict[str, str | None]] = {**CIFAR100.meta, "md5": None}
 
 
 class Cifar100Reader(DatasetReader):
@@ -28,6 +39,7 @@ class Cifar100Reader(DatasetReader):
     def _scan(self) -> None:
         assert self.root is not None
         self.folder = self.root if (self.root / "meta").is_file() else self.root / FOLDER
+        self._datasets: dict[str, CIFAR100] = {}
         if not (self.folder / "meta").is_file():
             if not self.options.download:
                 raise self.missing(f"no {FOLDER}/meta under {self.root}; pass download=True to fetch it")
@@ -35,17 +47,29 @@ class Cifar100Reader(DatasetReader):
             self.folder = self.root / FOLDER
             self.num_classes = 100
             return
-        self._read_meta()
+        self._read_classes()
 
-    def _read_meta(self) -> None:
-        meta = self._unpickle(self.folder / "meta", "fine_label_names")
-        # Python-2 pickles give str names; a copy re-pickled with bytes keys gives bytes names.
-        self._set_classes([n.decode() if isinstance(n, bytes) else str(n) for n in meta["fine_label_names"]])
+    def _read_classes(self) -> None:
+        # torchvision reads the class names (meta) only with a split: the test split, kept for load("test").
+        self._set_classes([str(n) for n in self._dataset("test").classes])
+
+    def _dataset(self, split: Split) -> CIFAR100:
+        if split not in self._datasets:
+            try:
+                self._datasets[split] = _CIFAR100Files(str(self.folder), train=split == "train")
+            except Exception as err:  # a damaged pickle can fail with almost any exception type
+                raise ValueError(
+                    f"cifar100: torchvision's CIFAR100 could not read the {split} split from {self.folder} (files "
+                    f"{split} and meta; {type(err).__name__}: {err}). They are not the CIFAR-100 python pickles: "
+                    f"extract {CIFAR100.filename} ({CIFAR100.url}) again into {self.folder.parent}."
+                ) from err
+        return self._datasets[split]
 
     def prepare(self) -> None:
         """Fetch and extract the archive with torchvision's downloader (``download=True``) unless it is there.
 
-        On failure nothing is left behind: no partial archive, and no ``root`` folder if this call created it.
+        The archive's md5 is verified. On failure nothing is left behind: no partial archive, and no ``root``
+        folder if this call created it.
         """
         if all((self.folder / f).is_file() for f in FILES) or not self.options.download:
             return
@@ -74,35 +98,16 @@ class Cifar100Reader(DatasetReader):
                     self.options.download) else ""
                 raise self.missing(f"{self.folder / name} is missing{hint}")
         if self.class_names is None:
-            self._read_meta()
-        entry = self._unpickle(self.folder / split, "data", "fine_labels")
-        data, labels = np.asarray(entry["data"], dtype=np.uint8), np.asarray(entry["fine_labels"], dtype=np.int64)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-            raise ValueError(
-                f"cifar100: {self.folder / split} holds data of shape {data.shape} and {len(labels)} labels; "
-                "expected N x 3072 (32x32 RGB, channel-major) and N labels."
-            )
+            self._read_classes()
+        dataset = self._dataset(split)
+        self._datasets.pop(split)  # decoded once: the datamodule keeps what it needs
+        images, labels = dataset.data, np.asarray(dataset.targets, dtype=np.int64)
+        if len(images) != len(labels):
+            raise ValueError(f"cifar100: {self.folder / split} holds {len(images)} images but {len(labels)} labels.")
         if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"cifar100: {self.folder / split} has fine_labels outside 0..{self.num_classes - 1}.")
         positions = self._select(split, labels)
-        images = data[positions].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         return SplitData(
             labels=labels[positions], names=[f"{self.folder / split}[{i}]" for i in positions],
-            images=np.ascontiguousarray(images),
+            images=np.ascontiguousarray(images[positions]),
         )
-
-    def _unpickle(self, path: Path, *keys: str) -> dict[str, Any]:
-        try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-        except Exception as err:  # a damaged pickle can fail with almost any exception type
-            raise ValueError(
-                f"cifar100: {path} is not a readable CIFAR-100 pickle ({type(err).__name__}: {err})."
-            ) from err
-        if not isinstance(entry, dict):
-            raise ValueError(f"cifar100: {path} is not a CIFAR-100 pickle (expected a dict).")
-        entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
-        for key in keys:
-            if key not in entry:
-                raise ValueError(f"cifar100: {path} lacks the key {key!r} of the CIFAR-100 python pickles.")
-        return entry
