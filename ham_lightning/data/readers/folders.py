@@ -1,4 +1,9 @@
-"""Class-per-folder trees (``<dir>/<class>/*``): listing, pre-split ``train/`` ``test/`` and split files."""
+"""Class-per-folder trees (``<dir>/<class>/*``): listing, pre-split ``train/`` ``test/`` and split files.
+
+The class folders and their image files are found by torchvision's ``find_classes`` / ``make_dataset`` (the
+``ImageFolder`` rules); on top: hidden folders and files are skipped, files come in natural order within a
+class (``img_2`` before ``img_10``), and an empty or missing class folder is an error that names it.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,18 @@ import os
 from pathlib import Path
 
 import numpy as np
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
-from ..image_store import IMG_EXTENSIONS, is_image_file
 from .base import natural_key
 
 
 def class_dirs(directory: Path) -> list[str]:
-    """Sorted names of the sub-folders of ``directory`` (hidden ones skipped), as torchvision's ImageFolder."""
-    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+    """Sorted names of the sub-folders of ``directory`` (torchvision's ``find_classes``), hidden ones skipped."""
+    try:
+        classes, _ = find_classes(directory)
+    except FileNotFoundError:  # torchvision's "Couldn't find any class folder": the callers say what to do
+        return []
+    return [name for name in classes if not name.startswith(".")]
 
 
 def presplit_dirs(directory: Path) -> tuple[Path, Path] | None:
@@ -23,30 +32,33 @@ def presplit_dirs(directory: Path) -> tuple[Path, Path] | None:
     return (train, test) if train.is_dir() and test.is_dir() else None
 
 
-def list_images(folder: Path) -> list[str]:
-    """Image files under ``folder`` (recursively), in natural order."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [os.path.join(dirpath, f) for f in filenames if is_image_file(f) and not f.startswith(".")]
-    return sorted(found, key=natural_key)
-
-
 def scan_classes(directory: Path, class_names: list[str], dataset: str) -> tuple[list[str], np.ndarray]:
-    """All image paths under ``directory/<class>/`` with the class's index; an empty class folder is an error."""
+    """All image paths under ``directory/<class>/`` (recursively) with the class's index, natural order per class.
+
+    A missing or empty class folder is an error.
+    """
+    for name in class_names:
+        if not (directory / name).is_dir():
+            raise FileNotFoundError(f"{dataset}: class folder {directory / name} is missing.")
+
+    def is_visible_image(path: str) -> bool:
+        hidden = any(part.startswith(".") for part in Path(path).relative_to(directory).parts)
+        return not hidden and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+    samples = make_dataset(directory, {name: i for i, name in enumerate(class_names)},
+                           is_valid_file=is_visible_image, allow_empty=True)
+    per_class: list[list[str]] = [[] for _ in class_names]
+    for path, label in samples:
+        per_class[label].append(path)
     paths: list[str] = []
     labels: list[int] = []
-    for label, name in enumerate(class_names):
-        folder = directory / name
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{dataset}: class folder {folder} is missing.")
-        files = list_images(folder)
+    for label, (name, files) in enumerate(zip(class_names, per_class, strict=True)):
         if not files:
             raise ValueError(
-                f"{dataset}: class folder {folder} has no images (looked for {', '.join(IMG_EXTENSIONS)}). "
+                f"{dataset}: class folder {directory / name} has no images (looked for {', '.join(IMG_EXTENSIONS)}). "
                 "Add its images or remove the folder."
             )
-        paths += files
+        paths += sorted(files, key=natural_key)
         labels += [label] * len(files)
     return paths, np.asarray(labels, dtype=np.int64)
 

@@ -106,3 +106,20 @@ def test_truncated_png_fails_verification_and_truncated_jpeg_fails_decoding(tmp_
     store = FileImageStore([str(jpeg)])
     with pytest.raises(ValueError, match=r"Corrupt or unreadable image: .*x/a\.jpg"):
         store.get(0)
+
+
+def test_hidden_entries_are_skipped_and_files_come_in_natural_order(tmp_path: Path, layouts) -> None:
+    layouts.make_class_folders(tmp_path, CLASSES, 11)  # img_0 .. img_10
+    layouts.make_class_folders(tmp_path / ".thumbnails", ["x"], 1)  # a hidden folder is no class
+    (tmp_path / "cat" / ".img_99.jpg").write_bytes((tmp_path / "cat" / "img_0.jpg").read_bytes())
+    layouts.make_class_folders(tmp_path / "dog" / ".cache", ["y"], 1)  # nor are images in hidden sub-folders
+    (tmp_path / "emu" / "notes.txt").write_text("not an image")
+    layouts.make_class_folders(tmp_path / "fox" / "more", ["z"], 1)  # visible sub-folders are read
+    reader = build_reader("image_folder", tmp_path, ReadOptions(test_fraction=0.5, split_seed=0))
+    assert reader.class_names == CLASSES
+    names = reader.load("train").names + reader.load("test").names
+    assert len(names) == 4 * 11 + 1 and not any("/." in n for n in names)
+    paths, labels = reader._index()["train"]
+    cat_train = [Path(p).name for p, label in zip(paths, labels) if label == 0]
+    assert cat_train == sorted(cat_train, key=lambda n: int(n[4:-4]))  # img_2 before img_10
+    assert sum(Path(n).parent.name == "cat" for n in names) == 11
