@@ -70,6 +70,12 @@ class HAMConfig:
         metadata={"help": "Keep the backbone's BatchNorm layers in eval mode from the first step (frozen running "
                           "statistics), whatever calls train()."},
     )
+    protect_inputs: float = field(
+        default=0.0,
+        metadata={"help": "Project each new adapter's A off the principal subspace holding this fraction of "
+                          "earlier tasks' layer-input energy (GPM/InfLoRA-style; less drift of old features). "
+                          "0 disables."},
+    )
     adapt_from: str | None = field(
         default=None,
         metadata={"help": "Adapt only modules at and above this block (e.g. 'blocks.5'); everything below is a "
@@ -102,6 +108,8 @@ class HAMConfig:
             errors.append(f"scalar_granularity must be 'adapter' or 'layer', got {self.scalar_granularity!r}")
         if self.similarity not in ("concat", "layer_mean"):
             errors.append(f"similarity must be 'concat' or 'layer_mean', got {self.similarity!r}")
+        if not 0.0 <= self.protect_inputs < 1.0:
+            errors.append(f"protect_inputs is an energy fraction in [0, 1), got {self.protect_inputs}")
         if self.similarity_threshold is not None and not -1.0 <= self.similarity_threshold <= 1.0:
             errors.append(f"similarity_threshold is a cosine, in [-1, 1]; got {self.similarity_threshold}")
         from ham_lightning.core.merge_rules import list_merge_rules  # the registry; imports torch, so not at the top

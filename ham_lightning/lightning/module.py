@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.controller import HAMController, inject
 from ham_lightning.core.heads import HeadKind, IncrementalHead, LogitMask, create_head, is_statistics_head
 from ham_lightning.core.norm import freeze_norm_layers
+from ham_lightning.core.subspace import InputSubspace
 
 #: Batch inputs that are cached activations of the frozen prefix (``x = {"prefix": h}``) rather than images.
 PREFIX_KEY = "prefix"
@@ -98,6 +100,10 @@ class HAMModule(LightningModule):
             if self.ham_config.freeze_norm:
                 freeze_norm_layers(self.backbone)
         self._top: nn.Module | None = None  # built on first use: see `top`
+        # Earlier tasks' input subspaces, kept off by each new adapter (HAMConfig.protect_inputs).
+        self.subspace: InputSubspace | None = None
+        if self.ham is not None and self.ham_config.protect_inputs > 0:
+            self.subspace = InputSubspace(self.ham.layers, self.ham_config.protect_inputs)
         dim = int(feature_dim or _feature_dim(self.backbone))
         self.head = create_head(head, dim, num_classes, mask=head_mask, freeze_old_rows=freeze_old_rows,
                                 scale=head_scale, **(head_kwargs or {}))
@@ -152,26 +158,41 @@ class HAMModule(LightningModule):
         self.head.start_task(classes)
         if self.loss_head is not None:
             self.loss_head.start_task(classes)
+        if self.subspace is not None:
+            self.subspace.project_()  # the fresh adapter starts off the old tasks' subspace
 
     def on_task_end(self, task: int) -> None:
         self.head.end_task()
         if self.loss_head is not None:
             self.loss_head.end_task()
-        if is_statistics_head(self.head):
-            self.fit_head_statistics()
+        if is_statistics_head(self.head) or self.subspace is not None:
+            self.task_statistics_pass()
 
     @torch.no_grad()
-    def fit_head_statistics(self, loader: Any = None) -> None:
-        """One pass over the current task's training data in eval mode: update the head's statistics, solve it."""
+    def task_statistics_pass(self, loader: Any = None) -> None:
+        """One pass over the current task's training data in eval mode: the head's class statistics (then its
+        closed-form fit) and the layers' input subspace (then the new projectors), whichever are in use."""
         if loader is None:
             loader = self.trainer.datamodule.train_dataloader()
+        statistics = is_statistics_head(self.head)
         was_training = self.training
         self.eval()
-        for x, y in loader:
-            x, y = move_data_to_device((x, y), self.device)
-            self.head.update(self.features(x).float(), y)
-        self.head.fit()
+        with self.subspace.collect() if self.subspace is not None else contextlib.nullcontext():
+            for x, y in loader:
+                x, y = move_data_to_device((x, y), self.device)
+                features = self.features(x).float()
+                if statistics:
+                    self.head.update(features, y)
+        if statistics:
+            self.head.fit()
+        if self.subspace is not None:
+            self.subspace.update()
         self.train(was_training)
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.subspace is not None:
+            self.subspace.project_()  # keep A off the old tasks' subspace after every optimizer step
 
     # -- steps --------------------------------------------------------------------------------------------------
     @override
