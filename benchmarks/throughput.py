@@ -604,7 +604,7 @@ def bench_paths(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
             layer = layers[path] = _path_layer(kind, in_f, out_f, cfg, device, path)
             optimizer = torch.optim.SGD([layer.lora_A, layer.lora_B, layer.importance, layer.group_scalars], lr=1e-3)
 
-            def step(layer: HAMLayer = layer, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            def step(layer: HAMLayer = layer, optimizer: torch.optim.Optimizer = optimizer, x: Tensor = x) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 with autocast(cfg, device):
                     y = layer(x)

@@ -91,7 +91,7 @@ def assert_matches_reference(layer: HAMLayer, x: Tensor, atol: float = 1e-10) ->
             assert g[name] is None, name
         else:
             assert g[name] is not None, f"{name}: no gradient"
-            torch.testing.assert_close(g[name], expected, atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(g[name], expected, atol=atol, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def assert_output_matches(layer: HAMLayer, x: Tensor, atol: float = 1e-10) -> None:
