@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import logging
-import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,100 +217,58 @@ def _create(name: str, pretrained: bool, **timm_kwargs: Any) -> nn.Module:
         raise
 
 
-def _create_with_state_dict(
-    name: str, arch: str, state_dict: dict[str, torch.Tensor], timm_kwargs: dict[str, Any]
-) -> nn.Module:
-    """Build ``name`` loading a timm-keyed ``state_dict`` through timm's pretrained path.
+def _create_and_load(name: str, source: dict[str, Any], timm_kwargs: dict[str, Any], what: str) -> nn.Module:
+    """Build ``name`` at random init, load weights with timm's `load_pretrained`, and check what was loaded.
 
-    timm then drops the classifier when ``num_classes`` differs from 1000 and adapts the stem to ``in_chans``,
-    exactly as for its own downloads.
+    ``source`` is the pretrained-config entry timm loads from: ``{"file": path}`` or ``{"state_dict": tensors}``.
+    timm drops the classifier when ``num_classes`` differs and adapts the stem to ``in_chans``, exactly as for its
+    own downloads; it then loads non-strictly, so a checkpoint of another architecture (resnet18 weights into
+    resnet34) would leave layers at random init without an error. The missing and unexpected keys that
+    ``load_state_dict`` returns (read with a post-hook, as timm only logs them) outside the classifier are an
+    error here. timm's per-architecture checkpoint conversions (``pretrained_filter_fn``) do not run on this path;
+    ``backbone_kwargs={"pretrained_cfg_overlay": {"file": ...}}`` with ``pretrained=True`` is timm's own, unchecked.
     """
-    kwargs = dict(timm_kwargs)
-    overlay = {**(kwargs.pop("pretrained_cfg_overlay", None) or {}), "state_dict": state_dict}
+    model = _create(name, pretrained=False, **timm_kwargs)  # bad kwargs raise their own error here
+    cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **source}
+    reported: list[Any] = []
+    handle = model.register_load_state_dict_post_hook(lambda module, keys: reported.append(keys))
     try:
-        model = _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    except ValueError:
-        raise
+        timm.models.load_pretrained(model, pretrained_cfg=cfg,
+                                    num_classes=getattr(model, "num_classes", timm_kwargs.get("num_classes", 1000)),
+                                    in_chans=timm_kwargs.get("in_chans", 3), strict=False)
     except Exception as err:
-        _create(name, pretrained=False, **kwargs)  # bad kwargs raise their own error here, not a weights error
-        raise BackboneWeightsError(f"Could not load the {arch} weights into '{name}': {err}") from err
-    # timm keeps the overlay in the model's config; drop the tensors so the config stays small and serialisable.
-    for cfg in {id(c): c for c in (getattr(model, "pretrained_cfg", None), getattr(model, "default_cfg", None))
-                if isinstance(c, dict)}.values():
-        cfg.pop("state_dict", None)
-    # timm loads non-strictly once the classifier is dropped: make sure nothing else was left at random init.
-    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ""
-    left_out = [
-        key for key in model.state_dict()
-        if key not in state_dict and not (classifier and key.startswith(classifier + "."))
-    ]
-    if left_out:
+        raise BackboneWeightsError(f"Could not load {what} into timm model '{name}': {type(err).__name__}: {err}"
+                                   ) from err
+    finally:
+        handle.remove()
+    classifiers = cfg.get("classifier") or ()
+    prefixes = tuple(f"{c}." for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
+    missing, unexpected = ([key for key in keys if not (prefixes and key.startswith(prefixes))]
+                           for keys in (reported[-1].missing_keys, reported[-1].unexpected_keys))
+    if missing or unexpected:
         raise BackboneWeightsError(
-            f"'{name}' with {timm_kwargs} has entries the {arch} weights do not cover, e.g. {left_out[:3]}."
+            f"{what} does not fit timm model '{name}' with {timm_kwargs}: {len(missing)} entries missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). Is it a checkpoint of "
+            "this architecture and configuration?"
         )
     return model
 
 
-def _from_checkpoint(name: str, arch: str, path: Path, timm_kwargs: dict[str, Any]) -> nn.Module:
-    """Build ``name`` with weights from a local file: timm's own format, or an EfficientNet-Lite package's.
+def _create_with_state_dict(
+    name: str, arch: str, state_dict: dict[str, torch.Tensor], timm_kwargs: dict[str, Any]
+) -> nn.Module:
+    """Build ``name`` with a timm-keyed ``state_dict`` through timm's pretrained loading (see `_create_and_load`)."""
+    return _create_and_load(name, {"state_dict": state_dict}, timm_kwargs, f"the {arch} weights")
 
-    timm loads a file non-strictly once it drops the classifier (``num_classes`` other than the checkpoint's), so
-    a checkpoint of another architecture (resnet18 weights into resnet34) would leave layers at random init
-    without an error; the missing keys timm reports are checked here instead.
-    """
+
+def _from_checkpoint(name: str, arch: str, path: Path, timm_kwargs: dict[str, Any]) -> nn.Module:
+    """Build ``name`` with weights from a local file: timm's own format, or an EfficientNet-Lite package's."""
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"checkpoint_path '{path}' for backbone '{name}' {what}.")
     if arch in EFFICIENTNET_LITE_PACKAGES and _is_package_format(path):
         return _create_with_state_dict(name, arch, efficientnet_lite_state_dict(arch, path), timm_kwargs)
-    kwargs = dict(timm_kwargs)
-    overlay = {**(kwargs.pop("pretrained_cfg_overlay", None) or {}), "file": str(path)}
-    try:
-        with _missing_keys_reported_by_timm() as missing:
-            model = _create(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    except ValueError:
-        raise
-    except Exception as err:
-        _create(name, pretrained=False, **kwargs)  # bad kwargs raise their own error here, not a weights error
-        raise BackboneWeightsError(
-            f"Could not load checkpoint '{path}' into timm model '{name}': {type(err).__name__}: {err}"
-        ) from err
-    classifiers = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
-    prefixes = tuple(f"{c}." for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
-    left_out = [key for key in missing if not (prefixes and key.startswith(prefixes))]
-    if left_out:
-        raise BackboneWeightsError(
-            f"Checkpoint '{path}' does not cover timm model '{name}' ({len(left_out)} entries missing, e.g. "
-            f"{left_out[:3]}): is it a checkpoint of this architecture?"
-        )
-    return model
-
-
-@contextmanager
-def _missing_keys_reported_by_timm() -> Iterator[list[str]]:
-    """Collect the state-dict keys timm reports missing (an INFO log) while loading pretrained weights.
-
-    A filter on timm's builder logger reads the record and passes on only what the logger would have let
-    through anyway, so lowering its level to INFO meanwhile shows the user nothing new.
-    """
-    logger = logging.getLogger("timm.models._builder")
-    threshold = logger.getEffectiveLevel()
-    previous_level = logger.level
-    missing: list[str] = []
-
-    def capture(record: logging.LogRecord) -> bool:
-        match = re.match(r"Missing keys \((.*)\) discovered", record.getMessage())
-        if match:
-            missing.extend(key.strip() for key in match.group(1).split(",") if key.strip())
-        return record.levelno >= threshold
-
-    logger.addFilter(capture)
-    logger.setLevel(min(threshold, logging.INFO))
-    try:
-        yield missing
-    finally:
-        logger.removeFilter(capture)
-        logger.setLevel(previous_level)
+    return _create_and_load(name, {"file": str(path)}, timm_kwargs, f"Checkpoint '{path}'")
 
 
 def _torch_load(path: Path, map_location: str) -> Any:

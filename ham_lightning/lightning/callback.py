@@ -8,8 +8,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from ham_lightning.lightning.sequence import ContinualEvaluation
 from ham_lightning.core.controller import HAMController, MergeDecision, find_controller
+from ham_lightning.lightning.sequence import ContinualEvaluation
 
 
 class HierarchicalMergeCallback(ContinualEvaluation):

