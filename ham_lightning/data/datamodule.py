@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -11,9 +11,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from .class_order import DEFAULT_SEED, resolve_class_order
+from .feature_cache import (
+    CachedFeatures,
+    CachedTaskDataset,
+    LazyImageStore,
+    PrefixCacheConfig,
+    split_features,
+)
 from .image_store import ImageStore
 from .readers import READERS, ReadOptions, build_reader
-from .readers.base import Split
+from .readers.base import Split, SplitData
 from .sampler import TaskRandomSampler
 from .task_dataset import TaskDataset
 from .task_split import task_ranges, task_sizes
@@ -25,6 +32,7 @@ class _LoadedSplit:
     store: ImageStore
     labels: torch.Tensor  # global class index per image of the store
     task_indices: list[np.ndarray]  # positions in the store of each task's samples
+    features: CachedFeatures | None = None  # cached prefix activations, with a prefix cache
 
 
 def _task_seed(seed: int, task: int, stream: int) -> int:
@@ -68,6 +76,9 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         cache_dir: where decoded in-memory data sets are cached as ``.npy`` (None: no disk cache).
         download: fetch the data set where a downloader exists (CIFAR-100) and the network allows.
         verify_images: at setup, open every image file's header so a corrupt file is named before training.
+        prefix_cache: a `PrefixCacheConfig` (or a dict of its fields): loaders then yield ``({"prefix": h}, y)``,
+            ``h`` the frozen prefix's activations read from an on-disk cache built once (docs/data.md); the
+            transforms follow its backbone unless ``backbone`` is given.
     """
 
     def __init__(
@@ -101,6 +112,7 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         download: bool = False,
         verify_images: bool = True,
+        prefix_cache: PrefixCacheConfig | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -141,6 +153,13 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         self._global_of = np.empty(self.num_classes, dtype=np.int64)
         self._global_of[self.class_order] = np.arange(self.num_classes)
 
+        self.prefix_cache = None if prefix_cache is None else PrefixCacheConfig.coerce(prefix_cache)
+        if self.prefix_cache is not None:
+            backbone = backbone or self.prefix_cache.backbone
+            if not augment and self.prefix_cache.views > 1:
+                raise ValueError(f"prefix_cache.views={self.prefix_cache.views} with augment=False would cache "
+                                 "identical views; set views=1 or augment=True.")
+
         reader = type(self._reader)
         self.data_config = resolve_data_config(
             backbone, image_size, mean, std, interpolation, crop_pct,
@@ -160,6 +179,8 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         self.hparams["data_config"] = self.data_config.to_dict()
         self.hparams["train_crop_resolved"] = crop
         self.hparams["hflip_resolved"] = flip
+        if self.prefix_cache is not None:
+            self.hparams["prefix_cache"] = asdict(self.prefix_cache)
 
         self._current_task = 0
         self._splits: dict[Split, _LoadedSplit] = {}
@@ -265,10 +286,13 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
 
     # ---- data access ---------------------------------------------------------------------------------------
 
-    def task_dataset(self, task: int, split: Split = "train") -> TaskDataset:
-        """The samples of ``task`` in ``split``, with the train transform for ``"train"``, else the eval one."""
+    def task_dataset(self, task: int, split: Split = "train") -> TaskDataset | CachedTaskDataset:
+        """The samples of ``task`` in ``split``, with the train transform for ``"train"``, else the eval one
+        (with a prefix cache: their cached activations)."""
         self._check_task(task)
         loaded = self._split(split)
+        if loaded.features is not None:
+            return CachedTaskDataset(loaded.features, loaded.labels, loaded.task_indices[task])
         transform = self.train_transform if split == "train" else self.eval_transform
         return TaskDataset(loaded.store, loaded.labels, loaded.task_indices[task], transform)
 
@@ -293,10 +317,32 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
                 f"e.g. {shown}; every class needs images in both splits (a class with a single image cannot be "
                 "split)."
             )
-        store = data.to_store(self.cache_dir, f"{self.dataset}-{split}", verify=self.verify_images)
+        def store_of() -> ImageStore:
+            return data.to_store(self.cache_dir, f"{self.dataset}-{split}", verify=self.verify_images)
+
+        features = None
+        if self.prefix_cache is None:
+            store = store_of()
+        else:  # images are decoded only if the cache has to be built
+            store = LazyImageStore(len(data.labels), store_of)
+            features = self._prefix_features(split, data, store)
         labels = self._global_of[data.labels]
         indices = [np.flatnonzero((labels >= r.start) & (labels < r.stop)) for r in self._ranges]
-        return _LoadedSplit(store, torch.from_numpy(labels), indices)
+        return _LoadedSplit(store, torch.from_numpy(labels), indices, features)
+
+    def _prefix_features(self, split: Split, data: SplitData, store: ImageStore) -> CachedFeatures:
+        assert self.prefix_cache is not None
+        train = split == "train"
+        transform_key = {"data_config": self.data_config.to_dict(), "kind": "train" if train else "eval"}
+        if train:
+            transform_key.update(augment=self.hparams["augment"], crop=self.hparams["train_crop_resolved"],
+                                 hflip=self.hparams["hflip_resolved"])
+        return split_features(
+            self.prefix_cache, dataset=self.dataset, split=split, split_name=self._reader.split,
+            source=self._reader.source, root=self._reader.root, data=data, store=store,
+            transform=self.train_transform if train else self.eval_transform, transform_key=transform_key,
+            augment=train and bool(self.hparams["augment"]),
+        )
 
     def _test_loader(self, task: int) -> DataLoader:
         if task not in self._test_loaders:
