@@ -173,12 +173,24 @@ def map_state_dict_by_order(
     return mapped
 
 
-def backbone_data_config(model: nn.Module) -> dict[str, Any]:
-    """Input preprocessing the model's weights expect (input_size, mean, std, interpolation, crop_pct, crop_mode).
+def backbone_data_config(backbone: nn.Module | str) -> dict[str, Any]:
+    """Input preprocessing the backbone's weights expect (input_size, mean, std, interpolation, crop_pct, crop_mode).
 
-    timm's `resolve_model_data_config`; a model without a timm ``pretrained_cfg`` gets timm's ImageNet defaults.
+    ``backbone`` is a model (timm's `resolve_model_data_config`; one without a timm ``pretrained_cfg`` gets timm's
+    ImageNet defaults) or a timm model name, with or without a pretrained tag (``vit_base_patch16_224.augreg_in21k``),
+    resolved from timm's registry without creating or downloading anything.
     """
-    return dict(timm.data.resolve_model_data_config(model))
+    if isinstance(backbone, nn.Module):
+        return dict(timm.data.resolve_model_data_config(backbone))
+    pretrained_cfg = timm.get_pretrained_cfg(backbone)
+    if pretrained_cfg is None:
+        if not timm.is_model(backbone.split(".")[0]):
+            raise ValueError(
+                f"backbone={backbone!r} is not a timm model name; see timm.list_models() for the names, "
+                "or give image_size, mean and std explicitly."
+            )
+        raise ValueError(f"timm has no data config for backbone={backbone!r}; give image_size, mean and std explicitly.")
+    return dict(timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict()))
 
 
 def backbone_feature_dim(model: nn.Module) -> int:

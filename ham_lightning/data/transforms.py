@@ -24,6 +24,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import InterpolationMode, v2
 
+from ham_lightning.core.backbones import backbone_data_config
+
 TrainCrop = Literal["resized", "pad"]
 
 INTERPOLATIONS: dict[str, InterpolationMode] = {
@@ -61,25 +63,6 @@ class DataConfig:
         return asdict(self)
 
 
-def backbone_data_config(backbone: str) -> dict[str, Any]:
-    """The timm data config (input size, mean, std, interpolation, crop_pct) of ``backbone``, without downloading.
-
-    ``backbone`` is a timm model name, with or without a pretrained tag (``vit_base_patch16_224.augreg_in21k``).
-    """
-    pretrained_cfg = timm.get_pretrained_cfg(backbone)
-    if pretrained_cfg is None:
-        base = backbone.split(".")[0]
-        if not timm.is_model(base):
-            raise ValueError(
-                f"backbone={backbone!r} is not a timm model name; see timm.list_models() for the names, "
-                "or give image_size, mean and std explicitly."
-            )
-        raise ValueError(
-            f"timm has no data config for backbone={backbone!r}; give image_size, mean and std explicitly."
-        )
-    return timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())
-
-
 def resolve_data_config(
     backbone: str | None = None,
     image_size: int | None = None,
@@ -92,31 +75,32 @@ def resolve_data_config(
 ) -> DataConfig:
     """Explicit arguments win over the backbone's timm config, which wins over the defaults.
 
-    Defaults: ImageNet mean/std, bicubic, ``default_image_size`` (the data set's), ``crop_pct`` 0.875 unless the
-    data set asks for another one (``digits``: 1.0, its digits touch the border).
+    timm's `resolve_data_config` does the merging; where there is no backbone, the data set's defaults stand in
+    for its config: ``default_image_size`` and ``default_crop_pct`` (``digits``: 1.0, its digits touch the
+    border), then timm's (ImageNet mean/std, bicubic, ``crop_pct`` 0.875).
     """
-    resolved: dict[str, Any] = {
-        "image_size": default_image_size,
-        "mean": tuple(IMAGENET_DEFAULT_MEAN),
-        "std": tuple(IMAGENET_DEFAULT_STD),
-        "interpolation": "bicubic",
-        "crop_pct": default_crop_pct if default_crop_pct is not None else DEFAULT_CROP_PCT,
-    }
+    for name, value in (("mean", mean), ("std", std)):
+        if value is not None and len(value) != 3:  # timm would repeat a single value or assert
+            raise ValueError(f"mean and std need 3 values (RGB), got {name}={tuple(value)}.")
+    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:  # timm skips a falsy crop_pct
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")
     if backbone is not None:
-        cfg = backbone_data_config(backbone)
-        resolved.update(
-            image_size=int(cfg["input_size"][-1]),
-            mean=tuple(float(m) for m in cfg["mean"]),
-            std=tuple(float(s) for s in cfg["std"]),
-            interpolation=cfg.get("interpolation") if cfg.get("interpolation") in INTERPOLATIONS else "bicubic",
-            crop_pct=float(cfg.get("crop_pct", DEFAULT_CROP_PCT)),
-        )
-    explicit = {"image_size": image_size, "mean": mean, "std": std, "interpolation": interpolation,
+        source = backbone_data_config(backbone)
+    else:
+        source = {"input_size": (3, default_image_size, default_image_size), "crop_pct": default_crop_pct}
+    explicit = {"img_size": image_size, "mean": mean, "std": std, "interpolation": interpolation,
                 "crop_pct": crop_pct}
-    resolved.update({k: v for k, v in explicit.items() if v is not None})
-    resolved["mean"] = tuple(float(m) for m in resolved["mean"])
-    resolved["std"] = tuple(float(s) for s in resolved["std"])
-    return DataConfig(**resolved)
+    cfg = timm.data.resolve_data_config(args=explicit, pretrained_cfg=source)
+    resolved_interpolation = cfg["interpolation"]
+    if interpolation is None and resolved_interpolation not in INTERPOLATIONS:
+        resolved_interpolation = "bicubic"  # a backbone's 'random' or 'box': the transforms' default instead
+    return DataConfig(
+        image_size=int(cfg["input_size"][-1]),
+        mean=tuple(float(m) for m in cfg["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(s) for s in cfg["std"]),  # type: ignore[arg-type]
+        interpolation=resolved_interpolation,
+        crop_pct=float(cfg["crop_pct"]),
+    )
 
 
 def build_transform(

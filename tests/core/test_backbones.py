@@ -329,3 +329,14 @@ def test_backbone_data_config() -> None:
     # A model without a timm pretrained_cfg gets timm's ImageNet defaults.
     plain = backbone_data_config(nn.Linear(2, 2))
     assert tuple(plain["input_size"]) == (3, 224, 224) and len(plain["mean"]) == 3
+
+
+def test_backbone_data_config_by_name_is_the_one_function() -> None:
+    import ham_lightning.data
+
+    assert ham_lightning.data.backbone_data_config is backbone_data_config
+    vit = backbone_data_config("vit_base_patch16_224.augreg_in21k")  # from timm's registry: nothing is created
+    assert tuple(vit["input_size"]) == (3, 224, 224) and vit["crop_pct"] == 0.9
+    assert backbone_data_config(ARCH) == backbone_data_config(create_backbone(ARCH))
+    with pytest.raises(ValueError, match="not a timm model name"):
+        backbone_data_config("no_such_model_xyz")
