@@ -127,13 +127,14 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """Last acc, avg incremental acc, forgetting, BWT (percent), trainable and stored params, wall time."""
-    lines = ["| method | last acc | avg inc acc | forgetting | BWT | trainable params | stored params | wall (s) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {_fmt(r['last_accuracy'])} | {_fmt(r['average_incremental_accuracy'])} | "
-                     f"{_fmt(r['forgetting'])} | {_fmt(r['bwt'])} | {_fmt(r['trainable_params'])} | "
-                     f"{_fmt(r['stored_params'])} | {_fmt(r['wall_time_s'], 0)} |")
-    return "\n".join(lines)
+    from ham_lightning.report import markdown_table as table
+
+    header = ["method", "last acc", "avg inc acc", "forgetting", "BWT", "trainable params", "stored params",
+              "wall (s)"]
+    return "\n".join(table(header, [
+        [r["method"], _fmt(r["last_accuracy"]), _fmt(r["average_incremental_accuracy"]), _fmt(r["forgetting"]),
+         _fmt(r["bwt"]), _fmt(r["trainable_params"]), _fmt(r["stored_params"]), _fmt(r["wall_time_s"], 0)]
+        for r in rows]))
 
 
 def plot(comparison: dict[str, Any], out: Path) -> list[Path]:

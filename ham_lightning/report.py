@@ -387,9 +387,14 @@ def _groups_figure(results: Results) -> Figure:
 # ---------------------------------------------------------------------------------------------------- markdown
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> list[str]:
-    """A Markdown table; ``align`` is one char per column (l/r/c), default left first then right."""
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> list[str]:
+    """The lines of a Markdown table (the project's one writer: reports, comparisons, benchmarks).
+
+    ``align`` is one char per column (l/r/c), default left first then right; cells are written with ``str``.
+    """
     align = align or "l" + "r" * (len(header) - 1)
+    if len(align) != len(header) or any(len(row) != len(header) for row in rows):
+        raise ValueError(f"a table of {len(header)} columns needs {len(header)} alignments and cells per row")
     marks = {"l": ":---", "r": "---:", "c": ":---:"}
     lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -419,7 +424,7 @@ def _markdown(results: Results, images: Mapping[str, str]) -> str:
     peak = _max_or_none(t.get("peak_memory_mb") for t in tasks)
     if peak is not None:
         summary.append(("Peak memory", _mb(peak)))
-    md += ["## Summary", "", *_table(["Metric", "Value"], summary), ""]
+    md += ["## Summary", "", *markdown_table(["Metric", "Value"], summary), ""]
 
     captions = {
         "accuracy_matrix": "Accuracy matrix",
@@ -440,20 +445,20 @@ def _markdown(results: Results, images: Mapping[str, str]) -> str:
         header = ["after task", *[str(j) for j in range(n)], "seen"]
         rows = [[i, *[_num(v) if v is not None else "" for v in row], _num(seen[i]) if i < len(seen) else "–"]
                 for i, row in enumerate(matrix)]
-        md += [*_table(header, rows), ""]
+        md += [*markdown_table(header, rows), ""]
 
     if tasks:
         md += ["## Per task", ""]
         rows = [[t.get("task", i), _num(t.get("accuracy_seen")), _duration(t.get("wall_time_s")),
                  _mb(t.get("peak_memory_mb"))] for i, t in enumerate(tasks)]
-        md += [*_table(["Task", "Accuracy on seen classes (%)", "Wall time", "Peak memory"], rows), ""]
+        md += [*markdown_table(["Task", "Accuracy on seen classes (%)", "Wall time", "Peak memory"], rows), ""]
 
     if groups:
         md += _groups_markdown(groups)
 
     params = results.get("params")
     if params:
-        md += ["## Parameters", "", *_table(["Parameters", "Count"], [[k, _count(v)] for k, v in params.items()]),
+        md += ["## Parameters", "", *markdown_table(["Parameters", "Count"], [[k, _count(v)] for k, v in params.items()]),
                ""]
 
     config = results.get("config")
@@ -488,4 +493,4 @@ def _groups_markdown(groups: Mapping[str, Any]) -> list[str]:
               "Kept fraction", "Group ranks after merge"]
     return ["## Groups", "", f"Maximum groups: {groups.get('max_groups', '?')}; groups used: "
             f"{len(set(assignment))}. Similarities are cosines with each occupied slot before the merge.", "",
-            *_table(header, rows), ""]
+            *markdown_table(header, rows), ""]
