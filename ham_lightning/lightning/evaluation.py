@@ -103,12 +103,12 @@ class TaskAccuracy(Metric):
         with self.sync_context():
             return [(int(c), int(n)) for c, n in zip(self.correct.tolist(), self.total.tolist())]
 
-    def log_dict(self, prefix: str) -> dict[str, Tensor]:
-        """``{prefix}/acc_task_{j}`` for every task that has samples, for ``LightningModule.log_dict``."""
+    def log_dict(self, prefix: str, key: str = "{prefix}/acc_task_{task}") -> dict[str, Tensor]:
+        """The accuracy of every task that has samples, keyed by ``key``, for ``LightningModule.log_dict``."""
         acc = self.compute()
         with self.sync_context():
             present = (self.total > 0).tolist()
-        return {f"{prefix}/acc_task_{j}": acc[j] for j in range(self.num_tasks) if present[j]}
+        return {key.format(prefix=prefix, task=j): acc[j] for j in range(self.num_tasks) if present[j]}
 
 
 def _rank_share(loader: DataLoader, rank: int, world: int) -> DataLoader:

@@ -60,6 +60,8 @@ def test_task_accuracy_counts_per_task_and_reports_fractions() -> None:
     assert metric.counts() == [(2, 3), (0, 0), (1, 2)]
     torch.testing.assert_close(metric.compute(), torch.tensor([2 / 3, 0.0, 0.5]))
     assert set(metric.log_dict("test")) == {"test/acc_task_0", "test/acc_task_2"}  # task 1 has no samples
+    assert list(metric.log_dict("val", key="{prefix}/acc/dataloader_idx_{task}")) == [
+        "val/acc/dataloader_idx_0", "val/acc/dataloader_idx_2"]
     with pytest.raises(ValueError, match=r"task 3 is outside 0\.\.2"):
         metric.update(torch.tensor([0]), torch.tensor([0]), task=3)
     with pytest.raises(ValueError, match="do not match target"):
