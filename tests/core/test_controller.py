@@ -70,11 +70,13 @@ def test_fold_is_exact_and_costs_the_bare_backbone():
     assert torch.allclose(model(x), y, atol=1e-5)
     assert not any(isinstance(m, HAMLayer) for m in model.modules())
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in bare.state_dict().items()}
+    assert not hasattr(model, "ham_state")  # the controller's state module is detached while folded
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in bare.parameters())
     with pytest.raises(RuntimeError, match="unfold"):
         ham.end_task()
     ham.unfold()
     assert isinstance(model.blocks[0].attn.qkv, HAMLayer)
+    assert model.ham_state.merge_rule is ham.merge_rule and len(model.state_dict()["ham_state._extra_state"]["history"]) == 3
     assert torch.allclose(model(x), y, atol=1e-6)
     # training continues: gradients reach the active adapter
     model(x).sum().backward()
@@ -157,6 +159,7 @@ def test_state_dict_round_trip():
     model3.load_state_dict(model.state_dict())
     assert torch.equal(model3(x), model(x))
     assert ham3.num_groups == ham.num_groups
+    assert ham3.history == ham.history  # the merge history is model state too (ham_state._extra_state)
 
 
 def test_peft_export_reproduces_outputs():
