@@ -91,3 +91,12 @@ def test_evaluate_tasks_runs_in_the_trainer_precision_context_on_dict_inputs() -
     calls.clear()
     assert evaluate_tasks(model, [loader], [0, 1], 6, torch.device("cpu")) == [(2, 3)]  # no trainer: as is
     assert calls and not any(enabled for enabled, _ in calls)
+
+
+def test_docstring_examples_hold() -> None:
+    import doctest
+
+    from ham_lightning.lightning import evaluation
+
+    result = doctest.testmod(evaluation)
+    assert result.attempted > 0 and result.failed == 0
