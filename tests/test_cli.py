@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,46 @@ TINY = [
     "--data.limit_per_class_train=8", "--data.limit_per_class_test=4", "--data.batch_size=16",
     "--trainer.accelerator=cpu", "--trainer.enable_model_summary=false",
 ]
+
+
+def wandb_offline_run(run_dir: Path) -> tuple[dict, dict]:
+    """The config and the run record (group, tags, name) of the offline W&B run in ``run_dir``.
+
+    An offline run keeps them in its ``run-<id>.wandb`` file (W&B's record log: LevelDB's log format after a
+    7-byte header, one protobuf ``Record`` per entry); ``wandb sync`` uploads exactly that.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, block, pos, chunks, pending = path.read_bytes(), 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind in (2, 3):
+            pending += chunk
+        elif kind == 4:
+            chunks.append(pending + chunk)
+            pending = b""
+    config, run = {}, {}
+    for chunk in chunks:
+        record = pb.Record()
+        record.ParseFromString(chunk)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = {"group": record.run.run_group, "tags": list(record.run.tags), "name": record.run.display_name}
+            items = record.run.config.update
+        elif kind == "config":
+            items = record.config.update
+        else:
+            continue
+        for item in items:
+            config[item.key or ".".join(item.nested_key)] = json.loads(item.value_json)
+    return config, run
 
 
 @pytest.fixture(autouse=True)
@@ -54,12 +97,28 @@ def test_fit_writes_results_report_plots_and_offline_wandb(tmp_path: Path) -> No
     assert list(run.rglob("metrics.csv")), "no CSV log"
     assert (run / "checkpoints" / "last.ckpt").exists()
 
+    # W&B and hparams.yaml hold the whole resolved config: HAM options, optimizer, data, trainer.
+    config, record = wandb_offline_run(run)
+    model = config["model"]
+    assert model["ham"]["method"] == "ham" and model["ham"]["max_groups"] == 2 and model["ham"]["rank"] == 4
+    assert model["optimizer"]["init_args"]["lr"] == 0.001 and config["data"]["dataset"] == "digits"
+    assert config["trainer"]["accelerator"] == "cpu" and config["run"]["run_name"] == "tiny"
+    assert record == {"group": "test", "tags": ["ham"], "name": "tiny"}
+    import yaml
+
+    (hparams,) = run.rglob("hparams.yaml")
+    logged = yaml.safe_load(hparams.read_text())
+    assert logged["model"]["ham"]["max_groups"] == 2 and logged["model"]["optimizer"]["init_args"]["lr"] == 0.001
+
     # `test` on the final checkpoint re-evaluates every task: the accuracy matrix's last row.
     tested = cli(["test", *TINY, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--run_name=tiny-test",
                   f"--runs_dir={tmp_path / 'runs'}"])
     metrics = tested.trainer.callback_metrics
     for j in range(T):
-        assert 100 * float(metrics[f"test/acc_task_{j}"]) == pytest.approx(final[j], abs=1e-4)
+        # Per-task keys: HAMModule's own (test/acc_task_j) or Lightning's for a key logged per loader.
+        value = metrics.get(f"test/acc_task_{j}", metrics.get(f"test/acc/dataloader_idx_{j}"))
+        assert value is not None, sorted(metrics)
+        assert 100 * float(value) == pytest.approx(final[j], abs=1e-4)
 
 
 def test_config_errors_fail_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -82,3 +141,45 @@ def test_shipped_configs_parse(config: Path, capsys: pytest.CaptureFixture[str])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "model:" in printed and "data:" in printed and "merge:" in printed
+
+
+def _printed_config(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    import yaml
+
+    with pytest.raises(SystemExit):
+        cli(["fit", *args, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_quick_start_settings_reach_only_the_quick_start(capsys: pytest.CaptureFixture[str]) -> None:
+    quick = _printed_config([], capsys)
+    assert quick["data"]["image_size"] == 64 and quick["model"]["head"] == "cosine"
+    assert quick["benchmark"] == "quickstart"
+    vit = _printed_config(["--config", str(CONFIGS[0].parent / "cifar100_10_vit_b16.yaml")], capsys)
+    assert vit["data"]["image_size"] is None  # from the backbone's data config: 224 for ViT-B/16
+    assert vit["model"]["head"] == "linear" and vit["benchmark"] == "cifar100_10_vit_b16"
+
+
+def test_every_logger_writes_into_the_run_folder(tmp_path: Path) -> None:
+    """TensorBoard (which requires save_dir) as for W&B and CSV: the CLI fills it with the run folder."""
+    pytest.importorskip("tensorboard")
+    cli(["fit", *TINY, "--data.num_tasks=1", "--data.limit_per_class_train=2", "--trainer.logger=TensorBoardLogger",
+         "--run_name=tb", f"--runs_dir={tmp_path / 'runs'}", "--trainer.enable_progress_bar=false"])
+    assert list((tmp_path / "runs" / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_help_is_short_and_describes_ham_options() -> None:
+    out = subprocess.run([sys.executable, "-m", "ham_lightning.cli", "fit", "--help"], capture_output=True,
+                         text=True, timeout=600).stdout
+    # HAMConfig's field metadata (compared without the help formatter's line breaks).
+    assert "max_groups:Numberofpre-allocatedgroupslotsG_max" in "".join(out.split())
+    assert "torch.nn.modules" not in out  # --model.backbone does not list every nn.Module
+    assert len(out.splitlines()) < 1000  # was 2,314 lines; most of what is left is Lightning's Trainer
+
+
+def test_import_ham_lightning_loads_no_optional_heavy_packages() -> None:
+    code = ("import sys, ham_lightning; "
+            "print(sorted(m for m in ('wandb', 'matplotlib', 'sklearn', 'peft', 'lightning', 'timm') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
+    assert out.strip() == "[]"

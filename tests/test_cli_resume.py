@@ -1,0 +1,244 @@
+"""A killed ``ham-lightning fit`` resumes where it stopped and ends bit for bit as an uninterrupted run.
+
+Real subprocesses of the ``ham-lightning`` command get SIGINT, SIGTERM or SIGKILL mid-task (mid-epoch) and at a
+task boundary, and are resumed with the README's command (``--config <run>/config.yaml --ckpt_path
+<run>/checkpoints/last.ckpt``). The signal is sent from outside while the run waits in `PauseAt` (a callback
+given on the command line), so the point of the kill is exact and the test does not race the training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+TESTS = Path(__file__).resolve().parent
+
+#: Two epochs per task (so a checkpoint falls mid-task), two batches per epoch (so a kill falls mid-epoch).
+TINY_CONFIG = {
+    "seed_everything": 1993,
+    "model": {
+        "backbone": "vit_tiny_patch16_224", "pretrained": False,
+        "backbone_kwargs": {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2},
+        "head": "cosine", "head_lr": 0.01,
+        "ham": {"target_modules": ["qkv", "fc1", "fc2"], "max_groups": 2, "rank": 4},
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003, "weight_decay": 0.0}},
+        "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1,
+                                                                                       "gamma": 0.5}},
+    },
+    "data": {"dataset": "digits", "num_tasks": 5, "image_size": 32, "epochs_per_task": 2, "batch_size": 16,
+             "limit_per_class_train": 16, "limit_per_class_test": 6},
+    "trainer": {"accelerator": "cpu", "enable_model_summary": False, "enable_progress_bar": False,
+                "logger": False},
+}
+BASELINE = {"max_groups": 1, "train_importance": False, "train_group_scalars": False}
+
+
+class PauseAt(Callback):
+    """Waits at one point of training until ``<flag>.go`` exists, after writing ``<flag>.ready``.
+
+    ``hook="batch"``: at the start of batch ``batch`` of epoch ``epoch``; ``hook="epoch_end"``: at the end of epoch
+    ``epoch``, before the task boundary's merge and the epoch's checkpoint (this callback comes first).
+    """
+
+    def __init__(self, flag: str, epoch: int, hook: str = "batch", batch: int = 0) -> None:
+        self.flag, self.epoch, self.hook, self.batch = flag, epoch, hook, batch
+
+    def _wait(self) -> None:
+        ready, go = Path(self.flag + ".ready"), Path(self.flag + ".go")
+        if go.exists():
+            return  # this point was passed by an earlier process of the same run
+        ready.write_text(str(os.getpid()))
+        deadline = time.monotonic() + 300
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)  # SIGINT raises KeyboardInterrupt here; SIGTERM only sets Lightning's flag
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        if self.hook == "batch" and trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            self._wait()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.hook == "epoch_end" and trainer.current_epoch == self.epoch:
+            self._wait()
+
+
+def _command() -> list[str]:
+    exe = shutil.which("ham-lightning")
+    return [exe] if exe else [sys.executable, "-m", "ham_lightning.cli"]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+               WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def _pause(flag: Path, epoch: int, hook: str = "batch", batch: int = 0) -> str:
+    spec = {"class_path": "test_cli_resume.PauseAt",
+            "init_args": {"flag": str(flag), "epoch": epoch, "hook": hook, "batch": batch}}
+    return "--trainer.callbacks=" + json.dumps([spec])
+
+
+def _start(tmp_path: Path, args: list[str]) -> subprocess.Popen:
+    path = tmp_path / f"log-{time.monotonic_ns()}.txt"
+    with open(path, "w") as log:
+        process = subprocess.Popen([*_command(), "fit", *args], cwd=tmp_path, env=_env(tmp_path), stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    process.log_path = path  # type: ignore[attr-defined]
+    return process
+
+
+def _output(process: subprocess.Popen) -> str:
+    return Path(process.log_path).read_text()  # type: ignore[attr-defined]
+
+
+def _kill_when_paused(tmp_path: Path, args: list[str], flag: Path, sig: signal.Signals) -> tuple[int, str]:
+    """Start a run, wait until it pauses at ``flag``, send ``sig``, let it go on; its exit status and output."""
+    process = _start(tmp_path, args)
+    ready = Path(str(flag) + ".ready")
+    deadline = time.monotonic() + 600
+    while not ready.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (status {process.returncode}) before pausing:\n{_output(process)[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the run never reached its pause point")
+        time.sleep(0.05)
+    os.kill(process.pid, sig)
+    time.sleep(0.2)
+    Path(str(flag) + ".go").write_text("")
+    return process.wait(timeout=600), _output(process)
+
+
+def _run(tmp_path: Path, args: list[str]) -> tuple[int, str]:
+    process = _start(tmp_path, args)
+    return process.wait(timeout=900), _output(process)
+
+
+def _final_state(run: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return ckpt["state_dict"], json.loads((run / "results.json").read_text())
+
+
+def _assert_same_run(resumed: Path, reference: Path) -> None:
+    state, results = _final_state(resumed)
+    ref_state, ref_results = _final_state(reference)
+    assert results["accuracy_matrix"] == ref_results["accuracy_matrix"]  # floats of exact counts: bit for bit
+    assert results.get("groups") == ref_results.get("groups")
+    assert state.keys() == ref_state.keys()
+    different = [k for k in state if not _equal(state[k], ref_state[k])]
+    assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:5]}"
+
+
+def _equal(a: object, b: object) -> bool:
+    """Bitwise equality of tensors, and of the dicts / lists of them a state dict may hold (``ham_state``)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _write_config(tmp_path: Path, method: str) -> Path:
+    config = json.loads(json.dumps(TINY_CONFIG))
+    config["model"]["ham"]["method"] = method
+    if method != "ham":
+        config["model"]["ham"].update(BASELINE)
+    path = tmp_path / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _resume_args(run: Path, extra: list[str] | None = None) -> list[str]:
+    """The README's resume command: the run's own config and its last checkpoint."""
+    return ["--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+            *(extra or ["--trainer.callbacks=[]"])]
+
+
+def _reference(tmp_path: Path, config: Path, name: str) -> Path:
+    status, output = _run(tmp_path, ["--config", str(config), f"--run_name={name}"])
+    assert status == 0, output[-3000:]
+    return tmp_path / "runs" / name
+
+
+def test_ham_killed_by_every_signal_mid_task_and_at_a_boundary_resumes_bit_for_bit(tmp_path: Path) -> None:
+    config = _write_config(tmp_path, "ham")
+    run = tmp_path / "runs" / "killed"
+    # 5 tasks x 2 epochs: epochs 0-9, a boundary after every odd epoch; last.ckpt after every epoch.
+    # SIGINT mid-epoch in task 1's second epoch (epoch 3): Lightning stops at once, exit 1; last.ckpt = epoch 2.
+    flag = tmp_path / "int"
+    status, output = _kill_when_paused(tmp_path, ["--config", str(config), "--run_name=killed",
+                                                  _pause(flag, epoch=3, batch=1)], flag, signal.SIGINT)
+    assert status == 1, output[-3000:]
+    assert "Resume with" in output and not (run / "results.json").exists()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
+
+    # SIGTERM at task 2's boundary (end of epoch 5): the epoch, merge and evaluation finish, last.ckpt is
+    # written, and the run exits with 143 (not 0: it did not finish).
+    flag = tmp_path / "term"
+    status, output = _kill_when_paused(tmp_path, _resume_args(run, [_pause(flag, epoch=5, hook="epoch_end")]),
+                                       flag, signal.SIGTERM)
+    assert status == 143, output[-3000:]
+    assert "SIGTERM" in output and not (run / "results.json").exists()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 5
+    assert len(next(v for k, v in ckpt["callbacks"].items() if "HierarchicalMergeCallback" in k)["rows"]) == 3
+
+    # SIGKILL at the first batch after that boundary: nothing runs at exit; last.ckpt is the boundary's.
+    flag = tmp_path / "kill"
+    status, output = _kill_when_paused(tmp_path, _resume_args(run, [_pause(flag, epoch=6, batch=0)]), flag,
+                                       signal.SIGKILL)
+    assert status == -signal.SIGKILL
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 5
+
+    status, output = _run(tmp_path, _resume_args(run))
+    assert status == 0, output[-3000:]
+    _assert_same_run(run, _reference(tmp_path, config, "reference"))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """In-process runs with the subprocesses' single intra-op thread (restored after), so sums add up alike."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("method", "sig", "pause"), [
+    ("seq_lora", signal.SIGKILL, {"epoch": 3, "batch": 1}),  # mid-task, mid-epoch
+    ("merge_sum", signal.SIGTERM, {"epoch": 3, "hook": "epoch_end"}),  # at a boundary
+    ("merge_average", signal.SIGINT, {"epoch": 4, "batch": 0}),  # just after a boundary's checkpoint
+    ("merge_ties", signal.SIGKILL, {"epoch": 5, "batch": 0}),  # mid-task, from a mid-task checkpoint
+])
+def test_baseline_killed_resumes_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None,
+                                             method: str, sig: signal.Signals, pause: dict) -> None:
+    """One real kill per baseline; the resume and the uninterrupted run go in-process (same command, no
+    interpreter start: the subprocess test above covers that path for every signal)."""
+    from ham_lightning.cli import cli
+
+    config = _write_config(tmp_path, method)
+    run = tmp_path / "runs" / "killed"
+    flag = tmp_path / "pause"
+    status, output = _kill_when_paused(tmp_path, ["--config", str(config), "--run_name=killed",
+                                                  _pause(flag, **pause)], flag, sig)
+    assert status == {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 143, signal.SIGINT: 1}[sig], output[-3000:]
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "results.json").exists()
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", *_resume_args(run)])
+    cli(["fit", "--config", str(config), "--run_name=reference"])
+    _assert_same_run(run, tmp_path / "runs" / "reference")
