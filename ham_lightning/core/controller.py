@@ -16,17 +16,21 @@ from ham_lightning.core.merge_rules import MergeDecision, MergeRule, create_merg
 from ham_lightning.core.norm import freeze_norm_layers
 from ham_lightning.core.targets import find_targets
 
-#: Attribute of the injected model holding the controller's state module (history and merge rule).
+#: Name of the controller's state module (history and merge rule), a child of the first HAM layer.
 STATE_NAME = "ham_state"
+#: Keys of a HAM layer's state dict that are not its own HAM tensors: the frozen base and the state module.
+_NOT_LAYER_TENSORS = ("base.", STATE_NAME + ".")
 
 
 class HAMControllerState(nn.Module):
     """The controller's place in the model's ``state_dict``: its merge history and its merge rule.
 
-    Registered on the injected model as ``ham_state`` by `HAMController`, so ``model.state_dict()`` (and so a
-    Lightning checkpoint of a module holding the model) carries ``ham_state._extra_state`` (the history) and the
-    rule's own state under ``ham_state.merge_rule``. The controller stays the one owner of the history; this module
-    only reads and writes it.
+    `HAMController` registers it as the child ``ham_state`` of the first HAM layer (``controller.state_name``,
+    e.g. ``blocks.0.attn.qkv.ham_state``), so ``model.state_dict()`` (and so a Lightning checkpoint of a module
+    holding the model) carries ``<state_name>._extra_state`` (the history) and the rule's own state under
+    ``<state_name>.merge_rule``. Not a child of the model itself: a new child would change what an
+    ``nn.Sequential`` runs or what ``children()`` lists. The controller stays the one owner of the history; this
+    module only reads and writes it.
     """
 
     def __init__(self, controller: HAMController, merge_rule: MergeRule) -> None:
@@ -45,9 +49,9 @@ class HAMController:
     """Owns the HAM layers injected into a model: task boundaries, fold/unfold, history, state.
 
     It is not an ``nn.Module``: every tensor lives in the model, and so does the rest of its state: the merge
-    rule (``HAMConfig.method``, see `ham_lightning.core.merge_rules`) and the history are in the model's
-    ``ham_state`` submodule (`HAMControllerState`), so ``model.state_dict()`` and Lightning checkpoints carry
-    the slots, the history and the rule's state.
+    rule (``HAMConfig.method``, see `ham_lightning.core.merge_rules`) and the history are in the
+    `HAMControllerState` module under the first HAM layer (``state_name``), so ``model.state_dict()`` and
+    Lightning checkpoints carry the slots, the history and the rule's state.
     """
 
     def __init__(self, model: nn.Module, layers: dict[str, HAMLayer], config: HAMConfig) -> None:
@@ -58,7 +62,10 @@ class HAMController:
         self.history: list[MergeDecision] = []
         self._folded: dict[str, nn.Module] | None = None
         self._state = HAMControllerState(self, create_merge_rule(config.method))
-        model.add_module(STATE_NAME, self._state)
+        first = next(iter(layers))
+        layers[first].add_module(STATE_NAME, self._state)
+        #: Where the state module sits in the model (``<first HAM layer>.ham_state``), for its state-dict keys.
+        self.state_name = f"{first}.{STATE_NAME}"
 
     # -- inspection ---------------------------------------------------------------------------------------------
     @property
@@ -143,8 +150,9 @@ class HAMController:
     def fold(self) -> nn.Module:
         """Write the merged delta into each base weight and put plain modules back: zero inference overhead.
 
-        The model then has exactly the bare backbone's modules and parameters (the ``ham_state`` module is
-        detached too); `unfold` restores the HAM layers (their original ``W0`` is kept), so training can continue.
+        The model then has exactly the bare backbone's modules and parameters (the state module leaves with the
+        first HAM layer); `unfold` restores the HAM layers (their original ``W0`` is kept), so training can
+        continue.
         """
         if self._folded is not None:
             return self.model
@@ -154,7 +162,6 @@ class HAMController:
             plain.weight.copy_(layer.merged_weight())
             self._folded[name] = plain
             _set_submodule(self.model, name, plain)
-        delattr(self.model, STATE_NAME)
         return self.model
 
     def unfold(self) -> nn.Module:
@@ -163,7 +170,6 @@ class HAMController:
             return self.model
         for name, layer in self.layers.items():
             _set_submodule(self.model, name, layer)
-        self.model.add_module(STATE_NAME, self._state)
         self._folded = None
         return self.model
 
@@ -181,7 +187,7 @@ class HAMController:
         tensors = {}
         for name, layer in self.layers.items():
             for key, value in layer.state_dict().items():
-                if not key.startswith("base."):
+                if not key.startswith(_NOT_LAYER_TENSORS):
                     tensors[f"{name}.{key}"] = value.detach().clone()
         return {"config": self.config.to_dict(), "history": [d.to_dict() for d in self.history], "tensors": tensors,
                 "merge_rule": self.merge_rule.state_dict()}
@@ -195,7 +201,7 @@ class HAMController:
         if tensors:
             with torch.no_grad():
                 for name, layer in self.layers.items():
-                    own = {k: v for k, v in layer.state_dict().items() if not k.startswith("base.")}
+                    own = {k: v for k, v in layer.state_dict().items() if not k.startswith(_NOT_LAYER_TENSORS)}
                     for key in own:
                         getattr_path(layer, key).copy_(tensors[f"{name}.{key}"])
                     layer.refresh()
@@ -217,7 +223,7 @@ def inject(model: nn.Module, config: HAMConfig | None = None) -> HAMController:
     """Put HAM layers into ``model`` in place, freeze everything else, and return the controller.
 
     The controller is also stored as ``model.ham_controller`` so Lightning callbacks can find it, and its state
-    (merge history, merge rule) is registered as the submodule ``model.ham_state``.
+    (merge history, merge rule) is registered under the first HAM layer (``controller.state_name``).
     """
     config = config or HAMConfig()
     if any(isinstance(m, HAMLayer) for m in model.modules()):

@@ -10,14 +10,13 @@ from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 
 from ham_lightning.core import algebra
-from ham_lightning.core.controller import STATE_NAME, HAMController, _set_submodule
+from ham_lightning.core.controller import HAMController, _set_submodule
 
 
 def plain_model(controller: HAMController) -> nn.Module:
     """A deep copy of the injected model with every HAM layer replaced by its original frozen base (``W0``)."""
     model = copy.deepcopy(controller.model)
     model.__dict__.pop("ham_controller", None)
-    model._modules.pop(STATE_NAME, None)  # the controller's history and merge rule: not part of a plain model
     for name in controller.layers:
         layer = model.get_submodule(name)
         _set_submodule(model, name, getattr(layer, "base", layer))

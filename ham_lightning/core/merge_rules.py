@@ -1,7 +1,7 @@
 """Merge rules: what happens to the adapters at a task boundary, one small class per method, in a registry.
 
 `HAMConfig.method` names a rule; `create_merge_rule` builds it and `HAMController.end_task` runs it. Rules are
-``nn.Module``s attached to the injected model (``<model>.ham_state.merge_rule``), so a rule that keeps state
+``nn.Module``s attached to the injected model (``<first HAM layer>.ham_state.merge_rule``), so a rule that keeps state
 (``merge_ties``' per-task deltas) saves it in the model's ``state_dict`` and every method resumes from a Lightning
 checkpoint. Registry in timm's style: `register_merge_rule`, `create_merge_rule`, `list_merge_rules`.
 

@@ -70,13 +70,14 @@ def test_fold_is_exact_and_costs_the_bare_backbone():
     assert torch.allclose(model(x), y, atol=1e-5)
     assert not any(isinstance(m, HAMLayer) for m in model.modules())
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in bare.state_dict().items()}
-    assert not hasattr(model, "ham_state")  # the controller's state module is detached while folded
+    assert not any("ham_state" in k for k in model.state_dict())  # the state module left with the HAM layer
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in bare.parameters())
     with pytest.raises(RuntimeError, match="unfold"):
         ham.end_task()
     ham.unfold()
     assert isinstance(model.blocks[0].attn.qkv, HAMLayer)
-    assert model.ham_state.merge_rule is ham.merge_rule and len(model.state_dict()["ham_state._extra_state"]["history"]) == 3
+    assert model.get_submodule(ham.state_name).merge_rule is ham.merge_rule
+    assert len(model.state_dict()[f"{ham.state_name}._extra_state"]["history"]) == 3
     assert torch.allclose(model(x), y, atol=1e-6)
     # training continues: gradients reach the active adapter
     model(x).sum().backward()
@@ -238,3 +239,18 @@ def test_empty_slots_still_get_gradients():
     for p in ham.scalar_parameters():
         assert p.grad is not None
     assert isinstance(model, nn.Module)
+
+
+def test_inject_leaves_the_module_tree_of_a_sequential_as_it_was():
+    """The controller's state lives under a HAM layer, not as a new child that a Sequential would run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 4))
+    names = [n for n, _ in model.named_children()]
+    ham = inject(model, HAMConfig(target_modules=["0", "2"], rank=2, max_groups=1, group_rank=4))
+    assert [n for n, _ in model.named_children()] == names and ham.state_name == "0.ham_state"
+    x = torch.randn(3, 6)
+    perturb(ham, generator=torch.Generator().manual_seed(0))
+    y = model(x)
+    assert y.shape == (3, 4)
+    ham.end_task()
+    assert f"{ham.state_name}._extra_state" in model.state_dict()

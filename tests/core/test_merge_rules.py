@@ -169,7 +169,7 @@ def test_a_registered_rule_is_a_method() -> None:
         ctl = tiny("test_freeze_adapter")
         ctl.end_task()
         ctl.end_task()
-        assert ctl.model.state_dict()["ham_state.merge_rule.boundaries"] == 2
+        assert ctl.model.state_dict()[f"{ctl.state_name}.merge_rule.boundaries"] == 2
         assert ctl.num_tasks_merged == 2
     finally:
         baselines._MERGE_RULES.pop("test_freeze_adapter")
@@ -182,8 +182,10 @@ def test_history_and_rule_state_live_in_the_model_state_dict(method: str) -> Non
         train_fake(ctl, t)
         ctl.end_task()
     state = ctl.model.state_dict()
-    assert [d["task"] for d in state["ham_state._extra_state"]["history"]] == [0, 1]
-    assert ("ham_state.merge_rule._extra_state" in state) == (method == "merge_ties")
+    key = ctl.state_name  # the state module sits under the first HAM layer
+    assert key == "fc1.ham_state"
+    assert [d["task"] for d in state[f"{key}._extra_state"]["history"]] == [0, 1]
+    assert (f"{key}.merge_rule._extra_state" in state) == (method == "merge_ties")
 
     fresh = tiny(method, group_rank=32)
     fresh.model.load_state_dict(state)  # strict: same keys
@@ -199,9 +201,9 @@ def test_history_and_rule_state_live_in_the_model_state_dict(method: str) -> Non
         assert torch.equal(slot(ctl, name), slot(fresh, name)), name
     assert fresh.num_parameters() == ctl.num_parameters()
     # A state dict taken earlier does not grow with later tasks.
-    assert len(state["ham_state._extra_state"]["history"]) == 2
+    assert len(state[f"{key}._extra_state"]["history"]) == 2
     if method == "merge_ties":
-        assert [len(v) for v in state["ham_state.merge_rule._extra_state"]["task_deltas"].values()] == [2, 2]
+        assert [len(v) for v in state[f"{key}.merge_rule._extra_state"]["task_deltas"].values()] == [2, 2]
 
 
 def test_controller_state_dict_carries_the_rule_state() -> None:

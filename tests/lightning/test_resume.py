@@ -1,7 +1,8 @@
 """Every merge rule resumes: a run killed after task 2 and resumed from ``last.ckpt`` ends as an uninterrupted run.
 
 The checkpoint carries the whole sequence's state: the HAM tensors and the merge history and rule state (model
-``state_dict``: ``ham_state``), the task position and accuracy rows (the callback), the optimizer and the loops.
+``state_dict``: ``<first HAM layer>.ham_state``), the task position and accuracy rows (the callback), the
+optimizer and the loops.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def test_killed_after_task_2_resumes_from_last_ckpt_bit_for_bit(method: str, tmp
     with pytest.raises(RuntimeError, match="killed"):
         fit(method, 0, [last, Kill(at=2)], enable_checkpointing=True)
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert len(ckpt["state_dict"]["backbone.ham_state._extra_state"]["history"]) == 2  # stopped after task 2
+    state_key = f"backbone.{hl.find_controller(full_model).state_name}"  # backbone.fc1.ham_state
+    assert len(ckpt["state_dict"][f"{state_key}._extra_state"]["history"]) == 2  # stopped after task 2
     if method == "merge_ties":
-        assert ckpt["state_dict"]["backbone.ham_state.merge_rule._extra_state"]["task_deltas"]
+        assert ckpt["state_dict"][f"{state_key}.merge_rule._extra_state"]["task_deltas"]
 
     # A different global seed and fresh objects: everything must come from the checkpoint.
     model, resumed = fit(method, 123, [], ckpt_path=tmp_path / "last.ckpt")
