@@ -24,21 +24,29 @@ from ham_lightning.lightning.evaluation import Counts, continual_metrics, evalua
 from ham_lightning.lightning.task_protocol import TaskProtocol, check_task_protocol
 
 
-def resolve_epochs_per_task(callback: ContinualEvaluation | None, datamodule: Any) -> int | None:
+def resolve_epochs_per_task(callback: Any, datamodule: Any) -> int | None:
     """The one ``epochs_per_task`` of a sequence: the callback's or the datamodule's, whichever is set.
 
-    Both may be set only to the same value; otherwise a `MisconfigurationException` names both and says which
-    to keep. ``None`` when neither is set (a task then ends with each ``fit``). Used by `ContinualEvaluation`, the
-    progress bar and the CLI (which sizes ``max_epochs`` with it).
+    ``callback`` and ``datamodule`` are the objects (anything with ``epochs_per_task``, or ``None``) or, before
+    they are built (the CLI sizing ``max_epochs``), their ``epochs_per_task`` values. Both may be set only to the
+    same value; otherwise a `MisconfigurationException` names both and says which to keep. ``None`` when neither
+    is set (a task then ends with each ``fit``). Used by `ContinualEvaluation`, the progress bar and the CLI.
     """
-    own = callback.epochs_per_task if callback is not None else None
-    data = getattr(datamodule, "epochs_per_task", None) if datamodule is not None else None
+
+    def value(source: Any) -> int | None:
+        return source if source is None or isinstance(source, int) else getattr(source, "epochs_per_task", None)
+
+    def name(source: Any, default: str) -> str:
+        return default if source is None or isinstance(source, int) else type(source).__name__
+
+    own, data = value(callback), value(datamodule)
     if own is not None and data is not None and own != data:
         raise MisconfigurationException(
-            f"epochs_per_task is set twice with different values: {type(callback).__name__}(epochs_per_task={own}) "
-            f"(CLI: --merge.epochs_per_task) and {type(datamodule).__name__}(epochs_per_task={data}) (CLI: "
-            "--data.epochs_per_task). The datamodule owns the task schedule: keep its value and remove the "
-            f"callback's (or set both to the same value)."
+            f"epochs_per_task is set twice with different values: "
+            f"{name(callback, 'HierarchicalMergeCallback')}(epochs_per_task={own}) (CLI: --merge.epochs_per_task "
+            f"{own}) and {name(datamodule, 'the datamodule')}(epochs_per_task={data}) (CLI: --data.epochs_per_task "
+            f"{data}). The datamodule owns the task schedule: keep its value and remove the callback's (or set "
+            "both to the same value)."
         )
     return own if own is not None else data
 

@@ -164,6 +164,10 @@ def test_conflicting_epochs_per_task_is_refused_with_what_to_keep() -> None:
     assert resolve_epochs_per_task(cb, ToyTaskData()) == 2
     assert resolve_epochs_per_task(hl.HierarchicalMergeCallback(), ToyTaskData(epochs_per_task=3)) == 3
     assert resolve_epochs_per_task(hl.HierarchicalMergeCallback(), None) is None
+    assert resolve_epochs_per_task(3, 3) == 3 and resolve_epochs_per_task(None, 2) == 2  # values, before building
+    with pytest.raises(MisconfigurationException, match=r"--merge\.epochs_per_task 3\) and the datamodule\("
+                                                        r"epochs_per_task=2\) \(CLI: --data\.epochs_per_task 2\)"):
+        resolve_epochs_per_task(3, 2)
 
     class Stub:  # what task_description reads from a trainer
         callbacks = [hl.HierarchicalMergeCallback()]
