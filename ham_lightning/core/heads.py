@@ -151,10 +151,10 @@ class RidgeHead(StatisticsHead):
 
     ``W_rand`` (``in x projection``) is fixed and seeded; ``G = sum h^T h`` and ``C = sum h^T onehot(y)`` are summed
     task by task, so the solution equals a ridge regression on all tasks' features at once (when the features do
-    not change). ``lam`` is chosen at every ``fit`` from ``lambdas`` by the squared error on a held-out part of the
-    training data (``holdout`` of each batch's samples, drawn with a fixed seed), computed from held-out statistics
-    alone (``|hW - t|^2 = tr(W^T G_v W) - 2 tr(W^T C_v) + n``), so no feature is stored; the final solve then uses
-    every sample. Never the test split.
+    not change). ``lam`` is chosen at every ``fit`` from ``lambdas`` by the squared error on a held-out part
+    (``holdout``, drawn with a fixed seed) of the task just seen, the ridge fitted on everything else: one
+    eigendecomposition of that ``G`` makes every ``lam`` cheap. The held-out features are kept only until that
+    ``fit``; the final solve uses every sample. Never the test split.
     """
 
     def __init__(self, in_features: int, num_classes: int, projection: int = 2048, seed: int = 0,
@@ -170,13 +170,13 @@ class RidgeHead(StatisticsHead):
         self.lambdas = tuple(float(v) for v in lambdas)
         self.register_buffer("w_rand", torch.randn(in_features, projection, generator=generator)
                              if projection else torch.zeros(0))
-        for split in ("fit", "val"):
-            self.register_buffer(f"gram_{split}", torch.zeros(dim, dim, dtype=torch.float64))
-            self.register_buffer(f"targets_{split}", torch.zeros(dim, num_classes, dtype=torch.float64))
-            self.register_buffer(f"count_{split}", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("gram", torch.zeros(dim, dim, dtype=torch.float64))
+        self.register_buffer("targets", torch.zeros(dim, num_classes, dtype=torch.float64))
         self.register_buffer("weight", torch.zeros(dim, num_classes))
         self.register_buffer("lam", torch.tensor(float("nan")))
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+        # The current task's held-out (h, y) until the next `fit`: not state (a statistics pass runs in one go).
+        self._held_out: list[tuple[Tensor, Tensor]] = []
 
     def expand(self, features: Tensor) -> Tensor:
         """``ReLU(f W_rand)`` (or ``f`` itself with ``projection=0``)."""
@@ -186,16 +186,16 @@ class RidgeHead(StatisticsHead):
 
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor) -> None:
-        h = self.expand(features.to(self.w_rand.dtype if self.projection else features.dtype)).double()
-        t = nn.functional.one_hot(labels, self.num_classes).double()
+        h = self.expand(features.float())
+        t = nn.functional.one_hot(labels, self.num_classes).to(h.dtype)
+        # float32 products of one batch, summed in float64: the sums span many batches.
+        self.gram.add_((h.T @ h).double())
+        self.targets.add_((h.T @ t).double())
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.batches))
-        val = (torch.rand(labels.shape[0], generator=generator) < self.holdout).to(h.device)
+        held = (torch.rand(labels.shape[0], generator=generator) < self.holdout).to(h.device)
         self.batches += 1
-        for split, keep in (("fit", ~val), ("val", val)):
-            hk, tk = h[keep], t[keep]
-            getattr(self, f"gram_{split}").add_(hk.T @ hk)
-            getattr(self, f"targets_{split}").add_(hk.T @ tk)
-            getattr(self, f"count_{split}").add_(float(keep.sum()))
+        if held.any():
+            self._held_out.append((h[held], labels[held]))
 
     def _solve(self, gram: Tensor, targets: Tensor, lam: float) -> Tensor:
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
@@ -204,21 +204,22 @@ class RidgeHead(StatisticsHead):
     @torch.no_grad()
     def select_lambda(self) -> float:
         """The ``lam`` of ``lambdas`` with the least held-out squared error (ties: the larger ``lam``)."""
-        if float(self.count_val) == 0:
-            return max(self.lambdas)
-        errors = []
-        for lam in self.lambdas:
-            W = self._solve(self.gram_fit, self.targets_fit, lam)
-            err = (W * (self.gram_val @ W)).sum() - 2 * (W * self.targets_val).sum() + self.count_val
-            errors.append(float(err))
+        if not self._held_out:
+            return float(self.lam) if not torch.isnan(self.lam) else max(self.lambdas)
+        hv = torch.cat([h for h, _ in self._held_out]).double()
+        tv = nn.functional.one_hot(torch.cat([y for _, y in self._held_out]), self.num_classes).double()
+        eigvals, Q = torch.linalg.eigh(self.gram - hv.T @ hv)
+        eigvals = eigvals.clamp_min(0)
+        projected, rhs = hv @ Q, Q.T @ (self.targets - hv.T @ tv)
+        errors = [float(((projected / (eigvals + lam)) @ rhs - tv).pow(2).sum()) for lam in self.lambdas]
         best = min(errors)
         return max(lam for lam, e in zip(self.lambdas, errors) if e <= best * (1 + 1e-9))
 
     @torch.no_grad()
     def fit(self) -> None:
         lam = self.select_lambda()
-        W = self._solve(self.gram_fit + self.gram_val, self.targets_fit + self.targets_val, lam)
-        self.weight.copy_(W.to(self.weight.dtype))
+        self._held_out = []
+        self.weight.copy_(self._solve(self.gram, self.targets, lam).to(self.weight.dtype))
         self.lam.fill_(lam)
 
     def forward(self, features: Tensor) -> Tensor:
