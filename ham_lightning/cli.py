@@ -296,6 +296,9 @@ class HAMLightningCLI(LightningCLI):
         parser.add_argument("--benchmark", type=str | None, default=None,
                             help="Benchmark name: the W&B group and the default run name (default: the config "
                                  "file's name).")
+        parser.add_argument("--predict_path", type=str | None, default=None,
+                            help="predict only: a folder of images (searched recursively) to predict; default: "
+                                 "every task's test split.")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("model.backbone", "data.backbone", compute_fn=_backbone_name)
         _describe_ham_options(parser)
@@ -449,11 +452,64 @@ class HAMLightningCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         finished = False
         try:
-            super()._run_subcommand(subcommand)
+            if subcommand == "predict":
+                self.predict()
+            else:
+                super()._run_subcommand(subcommand)
             finished = True
         finally:
             self._finish_wandb(finished)
             self.release()
+
+    def predict(self) -> Path:
+        """``ham-lightning predict``: the folded model's predictions among every class it has learned, for each
+        image of ``--predict_path`` (or of every task's test split), written to ``<run>/predictions.csv``."""
+        import csv
+
+        import torch
+
+        config = self.config_init["predict"]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            self._error("predict", "predict needs --ckpt_path (a checkpoint of `ham-lightning fit`).")
+        dataset, rows = self._predict_dataset(config.get("predict_path"))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.datamodule.eval_batch_size,
+                                             num_workers=self.datamodule.num_workers)
+        self.trainer.callbacks.append(_FoldForPredict())
+        outputs = self.trainer.predict(self.model, dataloaders=loader, ckpt_path=ckpt_path)
+        logits = torch.cat([o.float() for o in outputs]) if outputs else torch.empty(0, 0)
+        seen = getattr(getattr(self.model, "head", None), "seen", None)
+        if seen is not None and bool(seen.any()):
+            logits = logits.masked_fill(~seen.to(logits.device), float("-inf"))  # among the classes learned
+        probability, predicted = logits.softmax(dim=1).max(dim=1)
+        names = self.datamodule.class_names
+        assert self.run_dir is not None
+        path = self.run_dir / "predictions.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow([*rows[0].keys(), "predicted", "predicted_name", "probability"] if rows else [])
+            for row, k, prob in zip(rows, predicted.tolist(), probability.tolist()):
+                writer.writerow([*row.values(), k, names[k] if names else "", f"{prob:.6f}"])
+        rank_zero_info(f"Predictions of {len(rows)} images: {path}")
+        return path
+
+    def _predict_dataset(self, folder: str | None) -> tuple[Any, list[dict[str, Any]]]:
+        """Images only (what ``predict_step`` gets) and, per image, what identifies it in the CSV."""
+        import torch
+
+        dm = self.datamodule
+        if folder is None:
+            dm.setup("test")
+            datasets = [dm.task_dataset(t, "test") for t in range(dm.num_tasks)]
+            rows = [{"task": t, "index": i, "label": int(label)}
+                    for t, d in enumerate(datasets) for i, label in enumerate(d.targets().tolist())]
+            return _ImagesOnly(torch.utils.data.ConcatDataset(datasets)), rows
+        from ham_lightning.data.image_store import is_image_file
+
+        files = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file() and is_image_file(p.name))
+        if not files:
+            self._error("predict", f"--predict_path {folder}: no image files there.")
+        return _ImageFiles(files, dm.eval_transform), [{"file": f} for f in files]
 
     def _finish_wandb(self, finished: bool) -> None:
         """Close this command's W&B run (flushed to disk offline), so the next command in the process gets its
@@ -471,6 +527,47 @@ class HAMLightningCLI(LightningCLI):
             folder.release()
             if folder in _HELD:
                 _HELD.remove(folder)
+
+
+class _FoldForPredict(Callback):
+    """Fold the merged adapters into the weights once the checkpoint is loaded: bare-backbone inference."""
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        controller = getattr(pl_module, "ham", None)
+        if controller is not None and hasattr(controller, "fold"):
+            controller.fold()
+
+
+class _ImagesOnly:
+    """``(image, label)`` items as images alone: what a LightningModule's default ``predict_step`` takes."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index][0]
+
+
+class _ImageFiles:
+    """Image files decoded to RGB and given the datamodule's eval transform."""
+
+    def __init__(self, files: list[str], transform: Any) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Any:
+        import torch
+
+        from ham_lightning.data.image_store import decode_rgb
+
+        image = torch.from_numpy(decode_rgb(self.files[index], self.files[index])).permute(2, 0, 1)
+        return self.transform(image)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -659,10 +756,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None) -> d
     if moved:
         save_file(moved, str(adapter / "base_buffers.safetensors"))
         files["base_buffers"] = adapter / "base_buffers.safetensors"
-    folded = {k: v.detach().contiguous().clone() for k, v in model.folded_backbone_state_dict().items()}
-    save_file(folded, str(out / "backbone_folded.safetensors"))
+    save_file(_tensors(model.folded_backbone_state_dict()), str(out / "backbone_folded.safetensors"))
     files["backbone_folded"] = out / "backbone_folded.safetensors"
-    head = {k: v.detach().contiguous().clone() for k, v in model.head.state_dict().items()}
+    head = _tensors(model.head.state_dict())
     save_file(head, str(out / "head.safetensors"))
     files["head"] = out / "head.safetensors"
     seen = getattr(model.head, "seen", None)
@@ -676,6 +772,15 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None) -> d
     (out / "export.json").write_text(json.dumps(info, indent=2))
     files["info"] = out / "export.json"
     return files
+
+
+def _tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """The tensors of a state dict, contiguous copies (safetensors stores nothing else; a module's
+    ``_extra_state``, such as HAM's merge history, is not part of a plain model)."""
+    import torch
+
+    return {k: v.detach().contiguous().clone() for k, v in state.items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
 
 
 def _moved_norm_buffers(model: HAMModule) -> dict[str, Any]:

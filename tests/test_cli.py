@@ -120,6 +120,27 @@ def test_fit_writes_results_report_plots_and_offline_wandb(tmp_path: Path) -> No
         assert value is not None, sorted(metrics)
         assert 100 * float(value) == pytest.approx(final[j], abs=1e-4)
 
+    # `predict` with the folded model: every test image, among the classes learned; it agrees with the matrix.
+    import csv
+
+    ckpt = run / "checkpoints" / "last.ckpt"
+    cli(["predict", *TINY, f"--ckpt_path={ckpt}", "--run_name=tiny-predict", f"--runs_dir={tmp_path / 'runs'}"])
+    with open(tmp_path / "runs" / "tiny-predict" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 * 2 * 4  # tasks x classes x limit_per_class_test
+    correct = sum(int(r["predicted"]) == int(r["label"]) for r in rows)
+    assert 100 * correct / len(rows) == pytest.approx(results["last_accuracy"], abs=1e-4)
+    images = tmp_path / "images" / "sub"
+    images.mkdir(parents=True)
+    for k in range(3):
+        Image.new("RGB", (20, 20), (30 * k, 200, 90)).save(images / f"{k}.png")
+    cli(["predict", *TINY, f"--ckpt_path={ckpt}", f"--predict_path={images.parent}", "--run_name=tiny-folder",
+         f"--runs_dir={tmp_path / 'runs'}"])
+    with open(tmp_path / "runs" / "tiny-folder" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["file"]).name for r in rows] == ["0.png", "1.png", "2.png"]
+    assert all(0 <= int(r["predicted"]) < 10 and 0 < float(r["probability"]) <= 1 for r in rows)
+
 
 def test_config_errors_fail_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):

@@ -65,6 +65,14 @@ class RunResults(Callback):
         results["fit_wall_time_s"] = time.perf_counter() - self._start if self._start else None
         self._write(trainer, results)
 
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Stopped (SIGTERM, Ctrl-C) after the last task's boundary: the sequence is complete, so its results are.
+        continual = _continual(trainer)
+        num_tasks = getattr(trainer.datamodule, "num_tasks", None)
+        if continual is not None and num_tasks and len(continual.rows) == num_tasks and self.path is None:
+            self.on_fit_end(trainer, pl_module)
+
     def collect(self, continual: ContinualEvaluation, pl_module: LightningModule) -> dict[str, Any]:
         """The results dict: `ContinualEvaluation.results` + parameter counts, method and config."""
         results = continual.results()
