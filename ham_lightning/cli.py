@@ -29,7 +29,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from typing_extensions import override
 
 from ham_lightning.core.config import HAMConfig
@@ -38,6 +38,7 @@ from ham_lightning.lightning.callback import HierarchicalMergeCallback
 from ham_lightning.lightning.module import HAMModule
 from ham_lightning.lightning.progress import TaskProgressBar
 from ham_lightning.lightning.results import RunResults, TaskLines
+from ham_lightning.lightning.sequence import resolve_epochs_per_task
 
 #: The quick start's settings: what ``ham-lightning <subcommand>`` uses when no ``--config`` is given.
 QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -71,20 +72,6 @@ def wandb_offline() -> bool:
     if mode in ("online", "run"):
         return False
     return mode in ("offline", "dryrun", "disabled") or not os.environ.get("WANDB_API_KEY")
-
-
-def resolve_epochs_per_task(merge_epochs: int | None, data_epochs: int | None) -> int | None:
-    """The task schedule's one value from the callback's and the datamodule's ``epochs_per_task``.
-
-    Either may be set; both set to different values is refused (one fit would end tasks by one and size the
-    sequence by the other, silently dropping the last tasks).
-    """
-    if merge_epochs is not None and data_epochs is not None and merge_epochs != data_epochs:
-        raise ValueError(
-            f"Two task schedules: --merge.epochs_per_task {merge_epochs} and --data.epochs_per_task {data_epochs}. "
-            "Set one of them (or both to the same value)."
-        )
-    return merge_epochs if merge_epochs is not None else data_epochs
 
 
 # ---------------------------------------------------------------------------------------------------- run folders
@@ -393,7 +380,7 @@ class HAMLightningCLI(LightningCLI):
         try:
             resolve_epochs_per_task(config.get("merge", {}).get("epochs_per_task"),
                                     config.get("data", {}).get("epochs_per_task"))
-        except ValueError as err:
+        except MisconfigurationException as err:
             self._error(subcommand, str(err))
 
     def _error(self, subcommand: str | None, message: str) -> None:
