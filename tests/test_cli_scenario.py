@@ -50,3 +50,19 @@ def test_tasks_of_a_single_class_are_warned_about_with_the_num_tasks_that_fit(tm
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ClassIncrementalDataModule("image_folder", root=str(tmp_path / "ten"), num_tasks=5)
+
+
+def test_long_decoding_shows_progress(capsys: pytest.CaptureFixture[str]) -> None:
+    """No silent stretch before the first epoch: decoding thousands of images shows a progress bar."""
+    import io
+
+    from ham_lightning.data.image_store import PROGRESS_MIN_IMAGES, decode_many
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    blobs = [buffer.getvalue()] * PROGRESS_MIN_IMAGES
+    out = decode_many(blobs, [f"{k}.png" for k in range(len(blobs))], (4, 4))
+    assert out.shape == (PROGRESS_MIN_IMAGES, 4, 4, 3)
+    assert "decoding images" in capsys.readouterr().err
+    decode_many(blobs[:10], [f"{k}.png" for k in range(10)], (4, 4))
+    assert "decoding images" not in capsys.readouterr().err  # short passes stay quiet

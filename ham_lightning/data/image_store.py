@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,25 +66,45 @@ def decode_many(blobs: Sequence[bytes], names: Sequence[str], size: tuple[int, i
 
     chunk = 512
     ranges = [(start, min(start + chunk, len(blobs))) for start in range(0, len(blobs), chunk)]
-    with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
-        list(pool.map(decode_range, ranges))  # list() re-raises the first decoding error
+    with ThreadPoolExecutor(max_workers=usable_cpus()) as pool, _progress(len(blobs), "decoding images") as bar:
+        for (start, stop), _ in zip(ranges, pool.map(decode_range, ranges)):  # re-raises the first error
+            bar.update(stop - start)
     return out
+
+
+#: Below this many images, decoding or verifying is quick enough to need no progress bar.
+PROGRESS_MIN_IMAGES = 2000
+
+
+def _progress(total: int, what: str) -> Any:
+    """A tqdm bar on stderr for long decoding or verification passes (a no-op one for short ones), so a run
+    never sits silent for minutes before its first epoch."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=what, unit="img", disable=total < PROGRESS_MIN_IMAGES, mininterval=2.0,
+                leave=False)
 
 
 def verify_image_files(paths: Sequence[str]) -> None:
     """Open every file and run PIL's ``verify`` (header, and chunk checksums for PNG), so a file that is not an
     image fails at setup, naming it, not mid-epoch. A JPEG truncated after a valid header passes here; decoding
     it later raises an error that names it too."""
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"Image file listed but missing: {path}.") from err
-        except (OSError, SyntaxError, ValueError) as err:
-            raise ValueError(
-                f"Corrupt or unreadable image: {path} ({type(err).__name__}: {err}). Replace or remove this file."
-            ) from err
+    with _progress(len(paths), "verifying image files") as bar:
+        for path in paths:
+            _verify_one(path)
+            bar.update(1)
+
+
+def _verify_one(path: str) -> None:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"Image file listed but missing: {path}.") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(
+            f"Corrupt or unreadable image: {path} ({type(err).__name__}: {err}). Replace or remove this file."
+        ) from err
 
 
 def fingerprint(parts: Iterable[str | bytes]) -> str:
