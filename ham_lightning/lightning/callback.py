@@ -36,8 +36,11 @@ class HierarchicalMergeCallback(ContinualEvaluation):
         return self._controller.history if self._controller is not None else []
 
     @staticmethod
-    def controller(pl_module: LightningModule) -> HAMController:
+    def controller(pl_module: LightningModule) -> HAMController | None:
+        """The module's controller; None for a module that declares a frozen backbone (``adapt=False``)."""
         controller = find_controller(pl_module)
+        if controller is None and getattr(pl_module, "adapt", True) is False:
+            return None  # a training-free head on a frozen backbone: boundaries and evaluation, no merge
         if controller is None:
             raise MisconfigurationException(
                 f"{type(pl_module).__name__} has no HAM layers. Use ham_lightning.HAMModule, or call "
@@ -48,7 +51,7 @@ class HierarchicalMergeCallback(ContinualEvaluation):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         controller = self._controller = self.controller(pl_module)
-        if len(controller.history) != self._task:
+        if controller is not None and len(controller.history) != self._task:
             raise MisconfigurationException(
                 f"The model has merged {len(controller.history)} tasks but this callback is at task {self._task}. "
                 "Pass the same HierarchicalMergeCallback instance to every task's Trainer (it holds the sequence's "
@@ -59,6 +62,8 @@ class HierarchicalMergeCallback(ContinualEvaluation):
     @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> dict[str, float]:
         controller = self.controller(pl_module)
+        if controller is None:
+            return {}
         decision = controller.end_task()
         metrics = {"ham/group": float(decision.group), "ham/opened": float(decision.opened),
                    "ham/num_groups": float(controller.num_groups), "ham/importance": decision.importance,

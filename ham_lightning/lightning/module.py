@@ -165,6 +165,9 @@ class HAMModule(LightningModule):
         self.head.end_task()
         if self.loss_head is not None:
             self.loss_head.end_task()
+
+    def on_task_merged(self, task: int) -> None:
+        """After the boundary's merge: the statistics pass, so the head sees the features it will be used on."""
         if is_statistics_head(self.head) or self.subspace is not None:
             self.task_statistics_pass()
 

@@ -207,6 +207,8 @@ class ContinualEvaluation(Callback):
         task = self._task
         self._call_module(pl_module, "on_task_end", task)
         extra = self.on_task_end(trainer, pl_module, task)
+        # After the merge, before evaluation: what the module computes on the model it will predict with.
+        self._call_module(pl_module, "on_task_merged", task)
         record: dict[str, Any] = {
             "task": task,
             "wall_time_s": time.perf_counter() - self._task_start_time if self._task_start_time else None,
