@@ -8,6 +8,7 @@ from typing import Any, Literal
 PruneMode = Literal["magnitude", "rank", "none"]
 Granularity = Literal["adapter", "layer"]
 SimilarityReduction = Literal["concat", "layer_mean"]
+AdapterInit = Literal["shared", "per_task"]
 #: What happens at a task boundary: HAM's hierarchical merge, or one of the baselines (docs/results.md). These
 #: are the built-in merge rules; `ham_lightning.core.merge_rules.register_merge_rule` adds more.
 Method = Literal["ham", "seq_lora", "merge_sum", "merge_average", "merge_ties"]
@@ -65,6 +66,12 @@ class HAMConfig:
     train_importance: bool = field(default=True, metadata={"help": "Learn the importance scalar a_t."})
     train_group_scalars: bool = field(default=True, metadata={"help": "Learn the group scalars c_g."})
     seed: int = field(default=0, metadata={"help": "Seed of each new task adapter's A init (seed, task)."})
+    adapter_init: AdapterInit = field(
+        default="shared",
+        metadata={"help": "Initial A of each task adapter: 'shared' (one seeded draw per layer for every task, so "
+                          "task deltas live in comparable row spaces and their cosine means something) or "
+                          "'per_task' (a fresh draw per task: deltas are near-orthogonal whatever the data)."},
+    )
     freeze_norm: bool = field(
         default=True,
         metadata={"help": "Keep the backbone's BatchNorm layers in eval mode from the first step (frozen running "
@@ -108,6 +115,8 @@ class HAMConfig:
             errors.append(f"scalar_granularity must be 'adapter' or 'layer', got {self.scalar_granularity!r}")
         if self.similarity not in ("concat", "layer_mean"):
             errors.append(f"similarity must be 'concat' or 'layer_mean', got {self.similarity!r}")
+        if self.adapter_init not in ("shared", "per_task"):
+            errors.append(f"adapter_init must be 'shared' or 'per_task', got {self.adapter_init!r}")
         if not 0.0 <= self.protect_inputs < 1.0:
             errors.append(f"protect_inputs is an energy fraction in [0, 1), got {self.protect_inputs}")
         if self.similarity_threshold is not None and not -1.0 <= self.similarity_threshold <= 1.0:

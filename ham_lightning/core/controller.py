@@ -139,9 +139,11 @@ class HAMController:
 
     @torch.no_grad()
     def reset_adapter(self, task: int) -> None:
-        """Fresh active adapter for ``task``: seeded ``A`` (seed, task, layer), zero ``B``, ``a_t = 1``."""
+        """Fresh active adapter for ``task``: seeded ``A`` (seed, task, layer; with ``adapter_init="shared"`` the
+        same ``A`` for every task), zero ``B``, ``a_t = 1``."""
+        draw = 0 if self.config.adapter_init == "shared" else task
         for i, layer in enumerate(self.layers.values()):
-            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + task * 10_007 + i)
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + draw * 10_007 + i)
             layer.reset_adapter(generator)
             layer.importance.fill_(1.0)
 
