@@ -45,3 +45,13 @@ def test_ham_adapters_under_a_ridge_head_fit_it_after_each_merge() -> None:
     assert results["last_accuracy"] > 50.0  # chance is 16.7%
     assert not torch.isnan(model.head.lam) and model.head.count == 3 * 2 * 48
     assert all(k > 0 for k in model.subspace.ranks().values())
+
+
+def test_mobilenetv3_head_width_is_the_pooled_feature_width() -> None:
+    model = ham_lightning.HAMModule("mobilenetv3_small_050", num_classes=5, pretrained=False,
+                                    ham={"target_modules": ["conv_pw"], "rank": 2, "max_groups": 1, "group_rank": 2})
+    model.eval()
+    with torch.no_grad():
+        features = model.features(torch.randn(2, 3, 64, 64))
+    assert model.head.linear.in_features == features.shape[1] == model.backbone.head_hidden_size
+    assert model.backbone.head_hidden_size != model.backbone.num_features  # the case that broke num_features
