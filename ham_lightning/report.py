@@ -276,13 +276,21 @@ def _accuracy_over_tasks_figure(results: Results) -> Figure:
         return fig
 
     steps = np.arange(n)
-    cmap = matplotlib.colormaps["plasma"]
+    # Distinct colours a reader can tell apart, one legend entry per task while they fit; else one entry.
+    distinct = n <= 10
+    cmap = matplotlib.colormaps["tab10" if distinct else "turbo"]
+    handles: list[Line2D] = []
     for j in range(data.shape[1]):
         col = data[j:, j]
         if np.isfinite(col).any():
-            left.plot(steps[j:j + len(col)], col, color=cmap(0.85 * j / max(1, n - 1)), lw=1.0,
-                      alpha=0.55 if n <= MAX_ANNOTATED_TASKS else 0.3, zorder=1)
-    handles: list[Line2D] = [Line2D([], [], color=cmap(0.4), lw=1.0, alpha=0.6, label="task j (from when learned)")]
+            color = cmap(j) if distinct else cmap(0.1 + 0.8 * j / max(1, n - 1))
+            (task_line,) = left.plot(steps[j:j + len(col)], col, color=color, lw=1.4 if distinct else 1.0,
+                                     alpha=0.85 if distinct else 0.4, zorder=1, label=f"task {j}")
+            if distinct:
+                handles.append(task_line)
+    if not distinct:
+        handles.append(Line2D([], [], color=cmap(0.5), lw=1.0, alpha=0.6,
+                              label=f"tasks 0-{n - 1} (blue: first, red: last), from when learned"))
     if seen:
         (line,) = left.plot(steps[: len(seen)], seen, color="black", lw=2.4, marker="o" if n <= 30 else None,
                             ms=4, label="all seen classes", zorder=3)
