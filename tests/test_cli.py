@@ -20,6 +20,7 @@ TINY = [
     "--model.backbone=vit_tiny_patch16_224", "--model.pretrained=false",
     '--model.backbone_kwargs={"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2}',
     "--model.ham.target_modules=[qkv, fc1, fc2]", "--model.ham.max_groups=2", "--model.ham.rank=4",
+    "--model.ham.adapt_from=null",  # the quick start adapts from blocks.5; this ViT has 1-2 blocks
     "--data.dataset=digits", "--data.num_tasks=5", "--data.image_size=32", "--data.epochs_per_task=1",
     "--data.limit_per_class_train=8", "--data.limit_per_class_test=4", "--data.batch_size=16",
     "--trainer.accelerator=cpu", "--trainer.enable_model_summary=false",
@@ -174,7 +175,7 @@ def _printed_config(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict
 
 def test_quick_start_settings_reach_only_the_quick_start(capsys: pytest.CaptureFixture[str]) -> None:
     quick = _printed_config([], capsys)
-    assert quick["data"]["image_size"] == 64 and quick["model"]["head"] == "cosine"
+    assert quick["data"]["image_size"] == 64 and quick["model"]["head"] == "ridge"
     assert quick["benchmark"] == "quickstart"
     vit = _printed_config(["--config", str(CONFIGS[0].parent / "cifar100_10_vit_b16.yaml")], capsys)
     assert vit["data"]["image_size"] is None  # from the backbone's data config: 224 for ViT-B/16

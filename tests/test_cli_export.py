@@ -17,7 +17,7 @@ from ham_lightning.core.backbones import create_backbone
 from ham_lightning.lightning.module import HAMModule
 
 LITE0 = [
-    "--model.backbone=tf_efficientnet_lite0", "--model.pretrained=true",
+    "--model.backbone=tf_efficientnet_lite0", "--model.pretrained=true", "--model.head=cosine",
     "--model.ham.target_modules=[conv_pw, conv_pwl, conv_head]", "--model.ham.max_groups=2", "--model.ham.rank=4",
     "--data.dataset=digits", "--data.num_tasks=5", "--data.image_size=32", "--data.epochs_per_task=1",
     "--data.limit_per_class_train=8", "--data.limit_per_class_test=2", "--data.batch_size=16",
