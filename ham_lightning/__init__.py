@@ -31,7 +31,10 @@ _EXPORTS = {
     "ClassIncrementalDataModule": "ham_lightning.data",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ClassIncrementalDataModule", "ContinualEvaluation", "HAMConfig", "HAMController", "HAMLayer", "HAMModule",
+    "HierarchicalMergeCallback", "IncrementalHead", "MergeDecision", "TaskProtocol", "find_controller", "inject",
+]
 __version__ = "0.1.0"
 
 

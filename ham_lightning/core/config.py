@@ -121,7 +121,9 @@ class HAMConfig:
             errors.append(f"protect_inputs is an energy fraction in [0, 1), got {self.protect_inputs}")
         if self.similarity_threshold is not None and not -1.0 <= self.similarity_threshold <= 1.0:
             errors.append(f"similarity_threshold is a cosine, in [-1, 1]; got {self.similarity_threshold}")
-        from ham_lightning.core.merge_rules import list_merge_rules  # the registry; imports torch, so not at the top
+        from ham_lightning.core.merge_rules import (
+            list_merge_rules,  # the registry; imports torch, so not at the top
+        )
 
         if self.method not in list_merge_rules():
             errors.append(f"method must be one of {', '.join(list_merge_rules())} (the registered merge rules); "

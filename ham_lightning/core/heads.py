@@ -10,6 +10,16 @@ import torch
 from torch import Tensor, nn
 
 LogitMask = Literal["current", "seen"]
+
+
+def mark_task(current: Tensor, seen: Tensor, classes: Sequence[int]) -> None:
+    """Flag ``classes`` as the current task's (only them) and as seen; refuses classes outside the head."""
+    index = torch.as_tensor(list(classes), dtype=torch.long, device=current.device)
+    if index.numel() and (index.min() < 0 or index.max() >= current.numel()):
+        raise ValueError(f"task classes {list(classes)} out of range for a head of {current.numel()} classes")
+    current.zero_()
+    current[index] = True
+    seen[index] = True
 HeadKind = Literal["linear", "cosine"]
 
 
@@ -43,12 +53,7 @@ class IncrementalHead(nn.Module):
 
     def start_task(self, classes: Sequence[int]) -> None:
         """Classes of the task about to train: they become current and seen."""
-        index = torch.as_tensor(list(classes), dtype=torch.long, device=self.current.device)
-        if index.numel() and (index.min() < 0 or index.max() >= self.num_classes):
-            raise ValueError(f"task classes {list(classes)} out of range for a head of {self.num_classes} classes")
-        self.current.zero_()
-        self.current[index] = True
-        self.seen[index] = True
+        mark_task(self.current, self.seen, classes)
 
     @torch.no_grad()
     def end_task(self) -> None:
@@ -99,12 +104,7 @@ class StatisticsHead(nn.Module):
         self.register_buffer("current", torch.zeros(num_classes, dtype=torch.bool))
 
     def start_task(self, classes: Sequence[int]) -> None:
-        index = torch.as_tensor(list(classes), dtype=torch.long, device=self.seen.device)
-        if index.numel() and (index.min() < 0 or index.max() >= self.num_classes):
-            raise ValueError(f"task classes {list(classes)} out of range for a head of {self.num_classes} classes")
-        self.current.zero_()
-        self.current[index] = True
-        self.seen[index] = True
+        mark_task(self.current, self.seen, classes)
 
     def end_task(self) -> None:
         """Nothing to freeze: the statistics of finished classes are only ever added to."""

@@ -6,8 +6,8 @@ import copy
 
 import torch
 from peft import PeftModel
-from toy import ToyTaskData, quiet_trainer
 from torch import nn
+from toy import ToyTaskData, quiet_trainer
 
 import ham_lightning
 
