@@ -91,11 +91,17 @@ def _pause(flag: Path, epoch: int, hook: str = "batch", batch: int = 0) -> str:
     return "--trainer.callbacks=" + json.dumps([spec])
 
 
+def _default_sigint() -> None:
+    # A shell's background job inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(tmp_path: Path, args: list[str]) -> subprocess.Popen:
     path = tmp_path / f"log-{time.monotonic_ns()}.txt"
     with open(path, "w") as log:
         process = subprocess.Popen([*_command(), "fit", *args], cwd=tmp_path, env=_env(tmp_path), stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_default_sigint)
     process.log_path = path  # type: ignore[attr-defined]
     return process
 
