@@ -94,11 +94,10 @@ class InputSubspace(nn.Module):
         """``A <- A (I - P)`` for every layer's active adapter (after each optimizer step and a reset)."""
         if self.energy == 0.0:
             return
-        for name, layer in self._layers.items():
-            P = self.projector(name)
-            if self.rank[list(self._layers).index(name)] > 0:
+        for (name, layer), rank in zip(self._layers.items(), self.rank.tolist()):
+            if rank > 0:
                 A = layer.lora_A
-                A.sub_(A @ P.to(A.dtype))
+                A.sub_(A @ self.projector(name).to(A.dtype))
 
     def ranks(self) -> dict[str, int]:
         """Dimension of each layer's protected subspace (out of its input width)."""

@@ -20,10 +20,8 @@ from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.controller import HAMController, inject
 from ham_lightning.core.heads import HeadKind, IncrementalHead, LogitMask, create_head, is_statistics_head
 from ham_lightning.core.norm import freeze_norm_layers
+from ham_lightning.core.prefix import PREFIX_KEY, PrefixSplit, split_model
 from ham_lightning.core.subspace import InputSubspace
-
-#: Batch inputs that are cached activations of the frozen prefix (``x = {"prefix": h}``) rather than images.
-PREFIX_KEY = "prefix"
 
 
 class HAMModule(LightningModule):
@@ -99,7 +97,7 @@ class HAMModule(LightningModule):
                 p.requires_grad_(False)
             if self.ham_config.freeze_norm:
                 freeze_norm_layers(self.backbone)
-        self._top: nn.Module | None = None  # built on first use: see `top`
+        self._split: PrefixSplit | None = None  # built on first use: see `prefix_split`
         # Earlier tasks' input subspaces, kept off by each new adapter (HAMConfig.protect_inputs).
         self.subspace: InputSubspace | None = None
         if self.ham is not None and self.ham_config.protect_inputs > 0:
@@ -128,23 +126,21 @@ class HAMModule(LightningModule):
         return self.adapt or not is_statistics_head(self.head)
 
     @property
-    def top(self) -> nn.Module:
-        """The backbone above ``ham.adapt_from``: what runs on cached prefix activations."""
-        if self._top is None:
+    def prefix_split(self) -> PrefixSplit:
+        """The backbone cut at ``ham.adapt_from``; its ``top`` runs on cached prefix activations."""
+        if self._split is None:
             if not self.ham_config.adapt_from:
                 raise ValueError(
                     "The batch holds cached prefix activations ({'prefix': ...}) but ham.adapt_from is not set: "
                     "set it to the block the cache was taken at (e.g. 'blocks.5')."
                 )
-            from ham_lightning.core.prefix import split_model
-
-            object.__setattr__(self, "_top", split_model(self.backbone, self.ham_config.adapt_from))
-        return self._top.top  # type: ignore[union-attr]
+            self._split = split_model(self.backbone, self.ham_config.adapt_from)  # not a Module: no new state
+        return self._split
 
     def features(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
         """Pooled backbone features of images, or of cached prefix activations (``{"prefix": h}``)."""
         if isinstance(x, Mapping):
-            return self.top(x[PREFIX_KEY])
+            return self.prefix_split.top(x[PREFIX_KEY])
         return self.backbone(x)
 
     @override
