@@ -21,6 +21,7 @@ from .feature_cache import (
 from .image_store import ImageStore
 from .readers import READERS, ReadOptions, build_reader
 from .readers.base import Split, SplitData
+from .readers.validation import ValidationReader
 from .sampler import TaskRandomSampler
 from .task_dataset import TaskDataset
 from .task_split import task_ranges, task_sizes
@@ -72,6 +73,9 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
             reads it to mark task boundaries.
         split_file: a fixed train/test list for folder data sets (ImageNet-R, image_folder); see docs/data.md.
         test_fraction, split_seed: the seeded per-class split used where a data set has no official one.
+        validation_fraction: hold out this seeded fraction of every class's training images (seed ``split_seed``)
+            and evaluate on it instead of the test split, which is then never read: for choosing
+            hyper-parameters (docs/results.md, "Ablations").
         limit_per_class_train, limit_per_class_test: keep only the first N images of every class (quick runs).
         cache_dir: where decoded in-memory data sets are cached as ``.npy`` (None: no disk cache).
         download: fetch the data set where a downloader exists (CIFAR-100) and the network allows.
@@ -107,6 +111,7 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         split_file: str | None = None,
         test_fraction: float = 0.2,
         split_seed: int = 0,
+        validation_fraction: float | None = None,
         limit_per_class_train: int | None = None,
         limit_per_class_test: int | None = None,
         cache_dir: str | None = None,
@@ -142,6 +147,8 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
             limit_per_class_train=limit_per_class_train, limit_per_class_test=limit_per_class_test,
             download=download, verify_images=verify_images,
         ))
+        if validation_fraction is not None:
+            self._reader = ValidationReader(self._reader, validation_fraction, split_seed)  # type: ignore[assignment]
         self.num_classes: int = self._reader.num_classes
         if num_tasks is None and increment is None:
             num_tasks = min(self._reader.default_num_tasks, self.num_classes)
@@ -162,7 +169,7 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
                 raise ValueError(f"prefix_cache.views={self.prefix_cache.views} with augment=False would cache "
                                  "identical views; set views=1 or augment=True.")
 
-        reader = type(self._reader)
+        reader = self._reader
         self.data_config = resolve_data_config(
             backbone, image_size, mean, std, interpolation, crop_pct,
             default_image_size=reader.default_image_size, default_crop_pct=reader.default_crop_pct,

@@ -1,0 +1,51 @@
+"""Evaluation on held-out training images: choose hyper-parameters without ever reading the test split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import DatasetReader, Split, SplitData, seeded_split
+
+
+class ValidationReader:
+    """Wraps a reader so that ``train`` is its train split minus a seeded per-class ``fraction`` and ``test`` is
+    that held-out part; the wrapped reader's test split is never loaded.
+
+    Everything else (class names, defaults, layout) is the wrapped reader's. ``split`` names the held-out split,
+    so decode and prefix caches never mix it up with the official one.
+    """
+
+    def __init__(self, reader: DatasetReader, fraction: float, seed: int) -> None:
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in (0, 1) (e.g. 0.2 holds out 20% of each class's "
+                             f"training images), got {fraction}.")
+        self.reader = reader
+        self.fraction = fraction
+        self.seed = seed
+        self.split = f"validation_{round(100 * fraction)}_seed{seed}_of_{reader.split}_train"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.reader, name)
+
+    def load(self, split: Split) -> SplitData:
+        data = self.reader.load("train")
+        train, held_out = seeded_split(data.labels, self.fraction, self.seed)
+        return subset(data, train if split == "train" else held_out, tag=f"{self.split}:{split}")
+
+
+def subset(data: SplitData, positions: np.ndarray, tag: str) -> SplitData:
+    """The samples of ``data`` at ``positions`` (decoding, if lazy, stays lazy and decodes the parent once)."""
+    decode = data.decode
+    return SplitData(
+        labels=data.labels[positions],
+        names=[data.names[i] for i in positions],
+        images=None if data.images is None else data.images[positions],
+        decode=None if decode is None else (lambda: decode()[positions]),
+        cache_parts=[*data.cache_parts, tag],
+        cache_stamp=data.cache_stamp,
+    )
+
+
+__all__ = ["ValidationReader", "subset"]
