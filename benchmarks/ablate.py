@@ -1,13 +1,13 @@
-"""One configuration of the CPU protocol through the Python API, with feature drift: ablations of HAM's levers.
+"""Ablations of HAM's levers: the committed CPU-protocol config with one override each, on held-out training
+images (``--data.validation_fraction``), so the defaults are chosen without reading the test split.
 
-Runs `HAMModule` + `ClassIncrementalDataModule(prefix_cache=...)` + `HierarchicalMergeCallback` + `FeatureDrift`
-on the settings of ``configs/tiny_imagenet_lite0_cpu.yaml`` (Tiny-ImageNet zip, Lite0 real weights, 96 px,
-blocks.6 prefix cache with 4 views, 5 epochs per task, Adam 1e-3, head lr 3e-3, seed 1993), with the overrides
-given as JSON, and writes the results (accuracy matrix, metrics, groups, drift, wall time, arguments) to
-``--out/<name>.json``. It prints one line. Example::
+Every variant is one ``ham-lightning fit`` of ``--config`` (through `compare.run_method`, like the comparison),
+plus the variant's CLI overrides, plus ``--data.validation_fraction=<--validation>``. Results per variant go to
+``<out>/<variant>.json``; ``<out>/ablations.json`` and ``ablations.md`` hold the table. A finished variant is not
+run again (delete its JSON to redo it).
 
-    python benchmarks/ablate.py ham_ridge_protect_T10 '{"ham": {"protect_inputs": 0.95}}'
-    python benchmarks/ablate.py ridge_frozen_T10 '{"adapt": false, "epochs": 1}'
+    python benchmarks/ablate.py --config configs/tiny_imagenet_lite0_cpu.yaml --num_tasks 10 \\
+        --out benchmarks/results/tiny_imagenet_lite0_cpu/ablations --only default max_groups_1
 """
 
 from __future__ import annotations
@@ -15,66 +15,101 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import run_method, summary_row  # noqa: E402
+
+#: variant -> (method of compare.py, CLI overrides of the config). ``{T}`` is replaced by the number of tasks.
+ABLATIONS: dict[str, tuple[str, list[str]]] = {
+    "default": ("ham", []),
+    "ridge_frozen": ("ridge", []),
+    "ncm_frozen": ("ncm", []),
+    "max_groups_1": ("ham", ["--model.ham.max_groups=1"]),
+    "max_groups_2": ("ham", ["--model.ham.max_groups=2"]),
+    "max_groups_8": ("ham", ["--model.ham.max_groups=8"]),
+    "max_groups_per_task": ("ham", ["--model.ham.max_groups={T}", "--model.ham.group_rank=8"]),
+    "prune_none": ("ham", ["--model.ham.prune=none"]),
+    "prune_rank": ("ham", ["--model.ham.prune=rank"]),
+    "density_0.25": ("ham", ["--model.ham.density=0.25"]),
+    "density_0.8": ("ham", ["--model.ham.density=0.8"]),
+    "group_rank_16": ("ham", ["--model.ham.group_rank=16"]),
+    "group_rank_64": ("ham", ["--model.ham.group_rank=64"]),
+    "group_scalars_off": ("ham", ["--model.ham.train_group_scalars=false"]),
+    "scalars_off": ("ham", ["--model.ham.train_importance=false", "--model.ham.train_group_scalars=false"]),
+    "protect_off": ("ham", ["--model.ham.protect_inputs=null"]),
+    "protect_0.9": ("ham", ["--model.ham.protect_inputs=0.9"]),
+    "protect_0.99": ("ham", ["--model.ham.protect_inputs=0.99"]),
+    "head_mask_seen": ("ham", ["--model.head_mask=seen"]),
+    "lr_3e-4": ("ham", ["--model.optimizer.init_args.lr=0.0003"]),
+    "head_linear": ("ham", ["--model.head=linear"]),
+    "head_cosine": ("ham", ["--model.head=cosine"]),
+    "head_ncm": ("ham", ["--model.head=ncm"]),
+    # augmentation drawn afresh every step (no prefix cache: the frozen prefix runs every step) vs cached views
+    "per_step_augmentation": ("ham", ["--data.prefix_cache=null"]),
+}
 
 
-def run(name: str, out: Path, num_tasks: int = 10, epochs: int = 5, point: str = "blocks.6", head: str = "ridge",
-        adapt: bool = True, lr: float = 1e-3, head_lr: float = 3e-3, ham: dict[str, Any] | None = None,
-        train_head: str = "linear", batch: int = 64, head_kwargs: dict[str, Any] | None = None,
-        cache_dir: str | None = None) -> dict[str, Any]:
-    import lightning.pytorch as pl
-    import torch
-
-    import ham_lightning as hl
-    from ham_lightning.lightning.drift import FeatureDrift
-
-    pl.seed_everything(1993, workers=True)
-    cache = {"backbone": "tf_efficientnet_lite0", "adapt_from": point, "views": 4, "cache_dir": cache_dir,
-             "progress": False}
-    data = hl.ClassIncrementalDataModule(
-        dataset="tiny_imagenet", root=str(ROOT.parent / "shared" / "data" / "tiny-imagenet-200.zip"),
-        num_tasks=num_tasks, class_order="seed", seed=1993, image_size=96, batch_size=batch, epochs_per_task=epochs,
-        train_crop="pad", hflip=True, prefix_cache=cache)
-    config = {"target_modules": ["conv_pw", "conv_pwl", "conv_head"], "adapt_from": point, "rank": 8,
-              "max_groups": 4, "group_rank": 32, "prune": "magnitude", "density": 0.5, **(ham or {})}
-    model = hl.HAMModule("tf_efficientnet_lite0", num_classes=200, pretrained=True, ham=config, adapt=adapt,
-                         head=head, train_head=train_head, head_kwargs=head_kwargs,
-                         optimizer=lambda p: torch.optim.Adam(p, lr=lr), head_lr=head_lr)
-    merge, drift = hl.HierarchicalMergeCallback(), FeatureDrift(probe_size=30)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=num_tasks * epochs, reload_dataloaders_every_n_epochs=1,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                         callbacks=[merge, drift])
-    start = time.time()
-    trainer.fit(model, data)
-    results = {**merge.results(), "drift": drift.results(), "wall_s": time.time() - start,
-               "args": {"name": name, "num_tasks": num_tasks, "epochs": epochs, "point": point, "head": head,
-                        "adapt": adapt, "lr": lr, "head_lr": head_lr, "ham": config, "train_head": train_head,
-                        "head_kwargs": head_kwargs, "batch": batch},
-               "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}}
+def ablate(variants: Sequence[str], config: str, num_tasks: int, out: Path, validation: float | None,
+           extra: Sequence[str] = (), runs_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Run (or reuse) each variant and write the table; returns its rows."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    unknown = [v for v in variants if v not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(ABLATIONS)}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
-    print(f"{name}: last {results['last_accuracy']:.2f} avg {results['average_incremental_accuracy']:.2f} "
-          f"forgetting {results['forgetting']:.2f} old-task feature cosine "
-          f"{results['drift']['mean_cosine_old_tasks'][-1]} wall {results['wall_s']:.0f} s", flush=True)
-    return results
+    runs_dir = runs_dir or Path("runs") / "ablate" / out.name
+    held_out = [f"--data.validation_fraction={validation}"] if validation else []
+    rows = []
+    for variant in variants:
+        path = out / f"{variant}.json"
+        if path.exists():
+            results = json.loads(path.read_text())
+        else:
+            method, overrides = ABLATIONS[variant]
+            args = [*extra, *held_out, *(o.replace("{T}", str(num_tasks)) for o in overrides)]
+            print(f"[ablate] {variant}: {method} {' '.join(args)}", flush=True)
+            try:
+                results = run_method(method, num_tasks, config, args, runs_dir / variant, group=f"ablate-{out.name}")
+            except Exception as err:  # one broken variant must not stop the others; it is named at the end
+                print(f"[ablate] {variant} FAILED: {type(err).__name__}: {err}", flush=True)
+                continue
+            results["variant"] = variant
+            path.write_text(json.dumps(results, indent=2))
+        rows.append({**summary_row(results), "variant": variant,
+                     "assignment": (results.get("groups") or {}).get("assignment")})
+        print(f"[ablate] {variant}: last {rows[-1]['last_accuracy']:.2f} avg "
+              f"{rows[-1]['average_incremental_accuracy']:.2f} forgetting {rows[-1]['forgetting']:.2f}", flush=True)
+    every = sorted(out.glob("*.json"))
+    table = [summary_row(json.loads(p.read_text())) | {"variant": p.stem} for p in every if p.stem != "ablations"]
+    (out / "ablations.json").write_text(json.dumps(
+        {"config": config, "num_tasks": num_tasks, "validation_fraction": validation, "rows": table}, indent=2))
+    from ham_lightning.report import markdown_table
+
+    lines = markdown_table(["variant", "last acc", "avg inc acc", "forgetting", "wall (s)"], [
+        [r["variant"], f"{r['last_accuracy']:.2f}", f"{r['average_incremental_accuracy']:.2f}",
+         f"{r['forgetting']:.2f}", f"{r['wall_time_s']:.0f}"] for r in table])
+    held = f"validation_fraction {validation} of the training images" if validation else "the test split"
+    (out / "ablations.md").write_text(f"# Ablations: `{config}`, {num_tasks} tasks, evaluated on {held}\n\n"
+                                      + "\n".join(lines) + "\n")
+    return rows
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name")
-    parser.add_argument("overrides", nargs="?", default="{}", help="JSON of run()'s keyword arguments")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/tiny_imagenet_lite0_cpu/ablations")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 shared cores)")
-    args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    run(args.name, args.out, **json.loads(args.overrides))
+    parser.add_argument("--config", default="configs/tiny_imagenet_lite0_cpu.yaml")
+    parser.add_argument("--num_tasks", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tiny_imagenet_lite0_cpu/ablations"))
+    parser.add_argument("--validation", type=float, default=0.2,
+                        help="held-out fraction of each class's training images to evaluate on (0: the test split)")
+    parser.add_argument("--only", nargs="+", default=list(ABLATIONS), help="variants to run (default: all)")
+    parser.add_argument("--runs_dir", type=Path, default=None)
+    parser.add_argument("extra", nargs="*", help="after --: more ham-lightning arguments for every variant")
+    args = parser.parse_args(argv)
+    ablate(args.only, args.config, args.num_tasks, args.out, args.validation or None, args.extra, args.runs_dir)
 
 
 if __name__ == "__main__":
