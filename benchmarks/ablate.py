@@ -28,6 +28,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "default": ("ham", []),
     "ridge_frozen": ("ridge", []),
     "ncm_frozen": ("ncm", []),
+    "joint": ("joint", []),  # every class in one task, same passes over the data: the head room of adaptation
     "max_groups_1": ("ham", ["--model.ham.max_groups=1"]),
     "max_groups_2": ("ham", ["--model.ham.max_groups=2"]),
     "max_groups_8": ("ham", ["--model.ham.max_groups=8"]),

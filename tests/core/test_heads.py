@@ -124,3 +124,62 @@ def test_ncm_head_predicts_the_nearest_class_mean_and_masks_unseen() -> None:
     assert logits.argmax(1).tolist() == [0, 1]
     assert torch.isinf(logits[:, 2:]).all()
     torch.testing.assert_close(head.class_sum[0] / head.class_count[0], torch.tensor([2.0, 0, 0], dtype=torch.float64))
+
+
+from ham_lightning.core.heads import AlignedHead  # noqa: E402
+
+
+def _gaussian_classes(n: int, generator: torch.Generator, classes: range, means: torch.Tensor,
+                      cov_factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.tensor(list(classes)).repeat_interleave(n)
+    return means[y] + torch.randn(len(y), means.shape[1], generator=generator) @ cov_factor.T, y
+
+
+def test_aligned_head_statistics_are_exact_whatever_the_task_split() -> None:
+    g = torch.Generator().manual_seed(0)
+    means, factor = 3 * torch.randn(4, 5, generator=g), torch.randn(5, 5, generator=g) * 0.5
+    x, y = _gaussian_classes(50, g, range(4), means, factor)
+    by_task, at_once = AlignedHead(5, 4, shrinkage=0.0), AlignedHead(5, 4, shrinkage=0.0)
+    for classes in ([0, 1], [2, 3]):
+        by_task.start_task(classes)
+        keep = (y == classes[0]) | (y == classes[1])
+        by_task.update(x[keep][:30], y[keep][:30])
+        by_task.update(x[keep][30:], y[keep][30:])
+    at_once.start_task([0, 1, 2, 3])
+    at_once.update(x, y)
+    torch.testing.assert_close(by_task.pooled_covariance(), at_once.pooled_covariance())
+    # The pooled covariance is the mean of the within-class scatter (numpy's, per class, pooled).
+    centred = torch.cat([x[y == c] - x[y == c].mean(0) for c in range(4)]).double()
+    torch.testing.assert_close(at_once.pooled_covariance(), centred.T @ centred / (len(y) - 4))
+
+
+@pytest.mark.parametrize(("covariance", "slack"), [("shared", 0.02), ("diagonal", 0.06)])
+def test_aligned_head_separates_old_and_new_classes_from_statistics_alone(covariance: str, slack: float) -> None:
+    """Classes of two tasks whose features overlap across tasks: the head, fitted from Gaussian samples of every
+    seen class, is near the Bayes classifier on fresh data; the same statistics give the same head."""
+    g = torch.Generator().manual_seed(1)
+    means = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0], [3.0, 3.0]])
+    factor = torch.tensor([[1.0, 0.0], [0.6, 0.5]])
+    heads = [AlignedHead(2, 4, samples_per_class=200, epochs=20, lr=0.05, covariance=covariance, seed=7)
+             for _ in range(2)]
+    for head in heads:
+        for task in (0, 1):
+            classes = range(2 * task, 2 * task + 2)
+            head.start_task(list(classes))
+            head.update(*_gaussian_classes(100, torch.Generator().manual_seed(task), classes, means, factor))
+            head.fit()
+    torch.testing.assert_close(heads[0].linear.weight, heads[1].linear.weight)
+    x, y = _gaussian_classes(500, g, range(4), means, factor)
+    accuracy = float((heads[0].eval_logits(heads[0](x)).argmax(1) == y).float().mean())
+    # Bayes error of these Gaussians (equal shared covariance): linear discriminant with the true parameters.
+    cov = factor @ factor.T
+    lda = x @ torch.linalg.solve(cov, means.T) - 0.5 * (means @ torch.linalg.solve(cov, means.T)).diagonal()
+    bayes = float((lda.argmax(1) == y).float().mean())
+    assert accuracy > bayes - slack, (accuracy, bayes)
+    assert bayes < 0.99  # the classes do overlap: the test can fail
+
+
+def test_aligned_head_refuses_bad_settings_and_is_registered() -> None:
+    assert isinstance(create_head("aligned", 4, 3, mask="current", scale=2.0), AlignedHead)
+    with pytest.raises(ValueError, match="covariance must be 'shared' or 'diagonal'"):
+        AlignedHead(4, 3, covariance="full")
