@@ -234,7 +234,7 @@ def test_groups_run_in_one_batched_product():
 
 
 def test_empty_slots_still_get_gradients():
-    model, ham = _vit_ham(rank=2, max_groups=3)
+    model, ham = _vit_ham(rank=2, max_groups=3, train_group_scalars=True)
     model(_x()).sum().backward()
     for p in ham.scalar_parameters():
         assert p.grad is not None
