@@ -37,7 +37,7 @@ def test_smoke_run_writes_json_and_markdown(throughput: ModuleType, tmp_path: Pa
     on_disk = json.loads((tmp_path / "throughput_cpu.json").read_text())
     assert (tmp_path / "throughput_cpu.md").read_text() == results["markdown"]
     assert set(on_disk) >= {"meta", "ceiling", "train", "infer", "merge", "memory", "headline", "markdown"}
-    train_variants = {"bare", "single", "ham", "ham_cap", "ham_cap_fixed_c", "peft", "single_twin"}
+    train_variants = {"bare", "single", "ham", "ham_cap", "ham_cap_trained_c", "peft", "single_twin"}
     assert set(on_disk["train"]) == train_variants
     assert set(on_disk["train_extra_batches"]["2"]["rows"]) == train_variants
     assert set(on_disk["infer"]) == {"bare", "ham_folded", "ham_unfolded", "peft_unmerged", "bare_twin"}
