@@ -56,14 +56,17 @@ def bare_rate(model: Any, loader: Any, num_classes: int, repeats: int = 3) -> li
 
 
 GROUPS = {  # profiler action (substring) -> group; the first match wins
+    "[TaskBoundary]merge": "task boundary: merge",
+    "[TaskBoundary]on_task_merged": "task boundary: statistics pass, head fit, input subspace",
+    "[TaskBoundary]evaluate": "task boundary: evaluation on the seen tasks",
     "train_dataloader_next": "data",
     "training_step": "forward (training_step)",
     "backward": "backward",
     "optimizer_step": "optimizer_step (incl. forward and backward)",
     "on_train_batch_end": "per-step hooks (after each batch)",
     "on_before_optimizer_step": "per-step hooks (after each batch)",
-    "on_train_epoch_end": "task boundaries and epoch ends (evaluation, merge, statistics pass)",
-    "on_train_epoch_start": "task boundaries and epoch ends (evaluation, merge, statistics pass)",
+    "on_train_epoch_end": "epoch-end hooks (each includes its task boundary's phases above)",
+    "on_train_epoch_start": "epoch-start hooks",
 }
 
 

@@ -205,10 +205,13 @@ class ContinualEvaluation(Callback):
     def _end_task(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dm = self._datamodule(trainer)
         task = self._task
-        self._call_module(pl_module, "on_task_end", task)
-        extra = self.on_task_end(trainer, pl_module, task)
+        profile = trainer.profiler.profile  # each phase of the boundary is a profiler action of its own
+        with profile("[TaskBoundary]merge"):
+            self._call_module(pl_module, "on_task_end", task)
+            extra = self.on_task_end(trainer, pl_module, task)
         # After the merge, before evaluation: what the module computes on the model it will predict with.
-        self._call_module(pl_module, "on_task_merged", task)
+        with profile("[TaskBoundary]on_task_merged (statistics pass, head fit, input subspace)"):
+            self._call_module(pl_module, "on_task_merged", task)
         record: dict[str, Any] = {
             "task": task,
             "wall_time_s": time.perf_counter() - self._task_start_time if self._task_start_time else None,
@@ -220,7 +223,8 @@ class ContinualEvaluation(Callback):
             loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
             was_training = pl_module.training
             pl_module.eval()
-            row = evaluate_tasks(pl_module, loaders[: task + 1], seen, dm.num_classes, pl_module.device, trainer)
+            with profile("[TaskBoundary]evaluate seen tasks"):
+                row = evaluate_tasks(pl_module, loaders[: task + 1], seen, dm.num_classes, pl_module.device, trainer)
             pl_module.train(was_training)
             self.rows.append(row)
             summary = continual_metrics(self.rows)

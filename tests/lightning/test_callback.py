@@ -178,3 +178,16 @@ def test_conflicting_epochs_per_task_is_refused_with_what_to_keep() -> None:
     Stub.callbacks = [cb]
     with pytest.raises(MisconfigurationException, match="set twice"):
         task_description(Stub())  # type: ignore[arg-type]
+
+
+def test_each_phase_of_a_task_boundary_is_a_profiler_action() -> None:
+    """``Trainer(profiler="simple")`` times the merge, the post-merge statistics and the evaluation of every
+    boundary (what `benchmarks/fit_rate.py` reports)."""
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    profiler = SimpleProfiler()
+    run_one_fit(hl.HierarchicalMergeCallback(), profiler=profiler)
+    phases = {k: len(v) for k, v in profiler.recorded_durations.items() if k.startswith("[TaskBoundary]")}
+    assert sorted(phases) == ["[TaskBoundary]evaluate seen tasks", "[TaskBoundary]merge",
+                              "[TaskBoundary]on_task_merged (statistics pass, head fit, input subspace)"]
+    assert set(phases.values()) == {3}  # three tasks, one of each per boundary
