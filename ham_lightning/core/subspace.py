@@ -64,8 +64,10 @@ class InputSubspace(nn.Module):
             moment = self.moment(name)
 
             def hook(module: nn.Module, args: tuple[Tensor, ...], moment: Tensor = moment) -> None:
-                x = _flat_inputs(module, args[0].detach()).to(moment.dtype)  # type: ignore[arg-type]
-                moment.add_(x.T @ x)
+                x = _flat_inputs(module, args[0].detach()).float()  # type: ignore[arg-type]
+                # float32 products of one batch, summed in float64 (a float64 product of a 1152-wide layer's
+                # inputs was most of a task boundary's time on CPU: docs/performance.md).
+                moment.add_((x.T @ x).to(moment.dtype))
 
             handles.append(layer.register_forward_pre_hook(hook))
         try:
