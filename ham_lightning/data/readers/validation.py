@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -25,12 +26,17 @@ class ValidationReader:
         self.fraction = fraction
         self.seed = seed
         self.split = f"validation_{round(100 * fraction)}_seed{seed}_of_{reader.split}_train"
+        self._train: SplitData | None = None  # the wrapped train split, read (and decoded) once for both parts
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.reader, name)
 
     def load(self, split: Split) -> SplitData:
-        data = self.reader.load("train")
+        if self._train is None:
+            self._train = self.reader.load("train")
+            if self._train.decode is not None:
+                self._train.decode = functools.cache(self._train.decode)
+        data = self._train
         train, held_out = seeded_split(data.labels, self.fraction, self.seed)
         return subset(data, train if split == "train" else held_out, tag=f"{self.split}:{split}")
 

@@ -33,6 +33,30 @@ def test_held_out_part_of_train_replaces_test_and_test_is_never_read(monkeypatch
     assert ValidationReader(inner, 0.25, seed=4).load("test").names != test.names
 
 
+def test_the_wrapped_train_split_is_read_and_decoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    inner = build_reader("digits", None)
+    calls = {"load": 0, "decode": 0}
+    original = inner.load
+
+    def counted(split):
+        calls["load"] += 1
+        data = original(split)
+        images = data.images if data.images is not None else data.decode()
+
+        def decode():
+            calls["decode"] += 1
+            return images
+
+        data.images, data.decode = None, decode
+        return data
+
+    monkeypatch.setattr(inner, "load", counted)
+    reader = ValidationReader(inner, 0.2, seed=0)
+    train, test = reader.load("train"), reader.load("test")
+    assert train.decode().shape[0] + test.decode().shape[0] == len(train.labels) + len(test.labels)
+    assert calls == {"load": 1, "decode": 1}
+
+
 def test_datamodule_evaluates_on_the_held_out_images() -> None:
     dm = ClassIncrementalDataModule("digits", num_tasks=5, limit_per_class_train=12, validation_fraction=0.25)
     dm.setup("fit")
