@@ -214,13 +214,12 @@ class RidgeHead(StatisticsHead):
         """The ``lam`` of ``lambdas`` with the least held-out squared error (ties: the larger ``lam``)."""
         if not self._held_out:
             return float(self.lam) if not torch.isnan(self.lam) else max(self.lambdas)
-        # float32 is enough to rank lambdas a decade apart, and its eigh takes half float64's time (2048 wide:
-        # the slowest step of a task boundary on CPU); the final solve (`_solve`) stays in float64.
-        hv = torch.cat([h for h, _ in self._held_out]).float()
-        tv = nn.functional.one_hot(torch.cat([y for _, y in self._held_out]), self.num_classes).float()
-        eigvals, Q = torch.linalg.eigh((self.gram - (hv.T @ hv).double()).float())
+        # float64: a float32 eigh halves this step's time but fails (or gives NaN errors) on near-degenerate Grams.
+        hv = torch.cat([h for h, _ in self._held_out]).double()
+        tv = nn.functional.one_hot(torch.cat([y for _, y in self._held_out]), self.num_classes).double()
+        eigvals, Q = torch.linalg.eigh(self.gram - hv.T @ hv)
         eigvals = eigvals.clamp_min(0)
-        projected, rhs = hv @ Q, Q.T @ (self.targets.float() - hv.T @ tv)
+        projected, rhs = hv @ Q, Q.T @ (self.targets - hv.T @ tv)
         errors = [float(((projected / (eigvals + lam)) @ rhs - tv).pow(2).sum()) for lam in self.lambdas]
         best = min(errors)
         return max(lam for lam, e in zip(self.lambdas, errors) if e <= best * (1 + 1e-9))
