@@ -38,7 +38,7 @@ def bare_rate(model: Any, loader: Any, num_classes: int, repeats: int = 3) -> li
     bare = HAMModule(model.hparams.backbone, num_classes=num_classes, pretrained=False, ham=model.ham_config,
                      adapt=False, head="linear")  # weights do not change the time; no download needed
     bare.eval()
-    head = torch.nn.Linear(bare.head.linear.in_features, num_classes)
+    head = bare.head.linear  # the bare module's own linear head, trained directly (no masking: timing only)
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
     batches = list(loader)
     rates = []
