@@ -208,6 +208,8 @@ class HAMLayer(nn.Module):
     input): the rank-``k`` projections beside the merged weight (``merged``), the dense weight gradient beside
     it (``merged_dense``: small layers and 1x1 convs, where ``(in + out) k > in * out``), or no merged weight
     at all (``lowrank``: few rows per step). ``group_path`` forces one (``lowrank`` also for inference).
+    A stride-1 1x1 conv runs as the Linear does, on a channels-last view of its input (one hand-written
+    Function instead of four thin conv calls); other 1x1 convs use conv ops.
 
     The cache is keyed on the tensors' version counters and storages and on a global count of optimizer steps,
     so in-place merges, ``load_state_dict``, optimizer steps (fused ones too) and ``.to()`` invalidate it;
@@ -237,6 +239,9 @@ class HAMLayer(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.is_conv = isinstance(base, nn.Conv2d)
+        # Stride 1, no padding, no dilation: the conv is the same linear map at every pixel (`forward`).
+        self._pointwise = self.is_conv and tuple(base.stride) == (1, 1) and tuple(base.dilation) == (1, 1) \
+            and not isinstance(base.padding, str) and tuple(base.padding) == (0, 0)
         self.in_features = base.in_channels if self.is_conv else base.in_features
         self.out_features = base.out_channels if self.is_conv else base.out_features
         self.rank, self.max_groups, self.group_rank, self.scaling = rank, max_groups, group_rank, scaling
@@ -428,7 +433,15 @@ class HAMLayer(nn.Module):
         if self._base_trains():
             return self._forward_reference(x)
         if self.is_conv:
-            return self._forward_conv(x)
+            if not self._pointwise or x.dim() != 4:
+                return self._forward_conv(x)
+            # A stride-1 1x1 conv is a linear map of each pixel: one fused matmul Function over a channels-last
+            # view runs the frozen weight and the adapter together (fewer, larger ops than four thin conv2d calls).
+            return self._forward_linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self._forward_linear(x)
+
+    def _forward_linear(self, x: Tensor) -> Tensor:
+        """The layer on inputs whose last dimension is ``in_features`` (tokens of a Linear, pixels of a 1x1 conv)."""
         base = self.base
         dtype = _compute_dtype(x, base.weight.dtype)
         rank_scale = self.importance.expand(self.rank) * self.scaling
@@ -446,11 +459,12 @@ class HAMLayer(nn.Module):
                 A_g, B_g = A_g.to(dtype), B_g.to(dtype)
                 scale = torch.cat([group_scale, rank_scale])
         bias = None if base.bias is None else base.bias.to(dtype)
+        weight = weight.reshape(self.out_features, self.in_features)  # a 1x1 conv's (out, in, 1, 1) too
         return _HAMLinear.apply(x.to(dtype), weight.to(dtype), bias, A_g, B_g, self.lora_A.to(dtype),
                                 self.lora_B.to(dtype), scale, path)
 
     def _forward_conv(self, x: Tensor) -> Tensor:
-        """1x1 convolutions: the same arithmetic through conv ops, and the same paths."""
+        """Strided, padded or dilated 1x1 convolutions: the same arithmetic through conv ops, and the same paths."""
         base = self.base
         conv = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
         rank_scale = self.importance.expand(self.rank) * self.scaling

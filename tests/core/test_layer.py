@@ -114,6 +114,21 @@ def test_conv_with_stride_padding_and_no_bias(path: str) -> None:
     assert_matches_reference(layer, make_input("conv"))
 
 
+@pytest.mark.parametrize("path", GROUP_PATHS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_pointwise_conv_runs_as_a_linear_map_on_any_input_layout(layout: str, path: str) -> None:
+    """A stride-1 1x1 conv takes the per-pixel linear route (a channels-last view): exact for any input strides."""
+    layer = make_layer("conv", OCCUPANCY["several"], path=path)
+    assert layer._pointwise and not make_layer("conv", {}, stride=2)._pointwise
+    x = make_input("conv").detach()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":  # a non-contiguous input: every other column of a wider map
+        x = torch.cat([x, x], dim=-1)[..., ::2]
+    assert_matches_reference(layer, x.requires_grad_(True))
+    assert layer(x).shape == (2, OUT, 5, 6)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("path", GROUP_PATHS)
 def test_frozen_scalars_and_an_input_without_grad(kind: str, path: str) -> None:
