@@ -103,6 +103,30 @@ def test_ridge_head_task_by_task_equals_one_closed_form_solve() -> None:
     torch.testing.assert_close(head(x), (head.expand(x).double() @ W).float(), atol=1e-4, rtol=1e-4)
 
 
+def test_ridge_sums_are_complete_whenever_read_whatever_the_flush_point() -> None:
+    """Batch products are staged in float32 and flushed every ``flush_every`` batches: ``state_dict``, ``fit`` and
+    a reloaded head all see every batch, and loading drops what was staged before."""
+    torch.manual_seed(0)
+    x, y = torch.randn(56, 6), torch.randint(0, 4, (56,))
+    head = RidgeHead(6, 4, projection=16, seed=1)
+    head.flush_every = 3
+    head.start_task([0, 1, 2, 3])
+    for i in range(0, 56, 8):  # 7 batches: two flushes and one staged batch
+        head.update(x[i:i + 8], y[i:i + 8])
+    h = head.expand(x).double()
+    state = head.state_dict()
+    torch.testing.assert_close(state["gram"], h.T @ h, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(state["targets"], h.T @ torch.nn.functional.one_hot(y, 4).double(), atol=1e-4,
+                               rtol=1e-5)
+    again = RidgeHead(6, 4, projection=16, seed=1)
+    again.update(x[:8], y[:8])  # staged, then replaced by the load
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.state_dict()["gram"], state["gram"], atol=0, rtol=0)
+    head.update(x[:8], y[:8])  # one more batch, staged: the next read includes it
+    h8 = head.expand(x[:8]).double()
+    torch.testing.assert_close(head.state_dict()["gram"], h.T @ h + h8.T @ h8, atol=1e-4, rtol=1e-5)
+
+
 def test_ridge_lambda_selection_prefers_strong_regularisation_on_noise() -> None:
     torch.manual_seed(0)
     noisy = RidgeHead(8, 2, projection=64, lambdas=(1e-4, 1e4))
