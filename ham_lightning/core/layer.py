@@ -209,7 +209,8 @@ class HAMLayer(nn.Module):
     it (``merged_dense``: small layers and 1x1 convs, where ``(in + out) k > in * out``), or no merged weight
     at all (``lowrank``: few rows per step). ``group_path`` forces one (``lowrank`` also for inference).
     A stride-1 1x1 conv runs as the Linear does, on a channels-last view of its input (one hand-written
-    Function instead of four thin conv calls); other 1x1 convs use conv ops.
+    Function instead of thin conv calls), so its output is channels-last whatever the input's layout (the ops
+    after it run faster so; `.view` on it needs `.reshape`); other 1x1 convs use conv ops.
 
     The cache is keyed on the tensors' version counters and storages and on a global count of optimizer steps,
     so in-place merges, ``load_state_dict``, optimizer steps (fused ones too) and ``.to()`` invalidate it;
