@@ -437,7 +437,7 @@ class HAMLayer(nn.Module):
             if not self._pointwise or x.dim() != 4:
                 return self._forward_conv(x)
             # A stride-1 1x1 conv is a linear map of each pixel: one fused matmul Function over a channels-last
-            # view runs the frozen weight and the adapter together (fewer, larger ops than four thin conv2d calls).
+            # view runs the frozen weight and the adapter together (fewer, larger ops than three thin conv2d calls).
             return self._forward_linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self._forward_linear(x)
 

@@ -104,8 +104,8 @@ def test_ridge_head_task_by_task_equals_one_closed_form_solve() -> None:
 
 
 def test_ridge_sums_are_complete_whenever_read_whatever_the_flush_point() -> None:
-    """Batch products are staged in float32 and flushed every ``flush_every`` batches: ``state_dict``, ``fit`` and
-    a reloaded head all see every batch, and loading drops what was staged before."""
+    """Batch products are staged in float32 and flushed every ``flush_every`` batches: ``state_dict`` sees every
+    batch (staged ones too), and loading drops what was staged before it."""
     torch.manual_seed(0)
     x, y = torch.randn(56, 6), torch.randint(0, 4, (56,))
     head = RidgeHead(6, 4, projection=16, seed=1)
