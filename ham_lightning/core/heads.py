@@ -185,8 +185,8 @@ class RidgeHead(StatisticsHead):
         # The current task's held-out (h, y) until the next `fit`: not state (a statistics pass runs in one go).
         self._held_out: list[tuple[Tensor, Tensor]] = []
         # float32 sums of the latest batches' products, added to the float64 sums every `flush_every` batches and
-        # before anything reads them (`_flush`): converting a 2048-wide Gram to float64 at every batch was 40% of
-        # `update`'s time on CPU (docs/performance.md).
+        # before anything reads them (`_flush`): converting a 2048-wide Gram to float64 at every batch made
+        # `update` 2.5x slower on CPU (docs/performance.md).
         self._pending: tuple[Tensor, Tensor] | None = None
         self._pending_batches = 0
 
