@@ -52,6 +52,8 @@ def figures(results: Results) -> dict[str, Figure]:
     }
     if results.get("groups"):
         out["groups"] = _groups_figure(results)
+        if results.get("task_domains"):
+            out["domains_groups"] = _domains_figure(results)
     return out
 
 
@@ -392,6 +394,38 @@ def _groups_figure(results: Results) -> Figure:
     return fig
 
 
+def domain_group_counts(domains: Sequence[str], assignment: Sequence[int]) -> tuple[list[str], np.ndarray]:
+    """The domains in first-seen order and a ``domains x slots`` count of which slot each domain's tasks joined."""
+    names = list(dict.fromkeys(domains))
+    slots = max(assignment, default=-1) + 1
+    counts = np.zeros((len(names), max(slots, 1)), dtype=np.int64)
+    for d, g in zip(domains, assignment):
+        counts[names.index(d), int(g)] += 1
+    return names, counts
+
+
+def _domains_figure(results: Results) -> Figure:
+    """A mixed-domain run: how many of each domain's tasks went to each group slot (one row per domain; a
+    hierarchy that follows the domains puts each row's tasks in one column)."""
+    groups: Mapping[str, Any] = results["groups"]
+    assignment = [int(g) for g in groups.get("assignment") or []]
+    domains = list(results.get("task_domains") or [])[: len(assignment)]
+    names, counts = domain_group_counts(domains, assignment[: len(domains)])
+    slots = max(int(groups.get("max_groups") or 0), counts.shape[1])
+    counts = np.pad(counts, ((0, 0), (0, slots - counts.shape[1])))
+    fig, (ax,) = _new_figure(max(4.5, 0.7 * slots + 3.0), max(2.8, 0.5 * len(names) + 1.8))
+    _suptitle(fig, results, "Which group each domain's tasks joined")
+    cmap = _cmap("Blues")
+    vmax = max(int(counts.max()), 1)
+    ax.imshow(counts, cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest", aspect="auto")
+    _annotate(ax, counts.astype(float), cmap, 0.0, float(vmax), ".0f", size=10.0)
+    ax.set_xticks(range(slots))
+    ax.set_yticks(range(len(names)), labels=[f"{n} ({int(c.sum())} tasks)" for n, c in zip(names, counts)])
+    ax.set_xlabel("group slot")
+    ax.set_title("tasks per (domain, group)", fontsize=10)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------------- markdown
 
 
@@ -438,6 +472,7 @@ def _markdown(results: Results, images: Mapping[str, str]) -> str:
         "accuracy_matrix": "Accuracy matrix",
         "accuracy_over_tasks": "Accuracy over tasks",
         "groups": "Group assignment and similarities",
+        "domains_groups": "Group slots of each domain's tasks",
     }
     if images:
         md += ["## Figures", ""]

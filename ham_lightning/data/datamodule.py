@@ -83,6 +83,11 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         prefix_cache: a `PrefixCacheConfig` (or a dict of its fields): loaders then yield ``({"prefix": h}, y)``,
             ``h`` the frozen prefix's activations read from an on-disk cache built once (docs/data.md); the
             transforms follow its backbone unless ``backbone`` is given.
+        sources: with ``dataset="mixture"``, the data sets of a mixed-domain scenario, each a mapping
+            ``{dataset, root, classes?, name?, limit_per_class_train?, limit_per_class_test?}``: tasks never mix
+            sources, each source gets a share of the tasks in proportion to its classes (docs/data.md).
+        domain_order: ``"interleaved"`` (the sources' tasks shuffled by ``seed``) or ``"blocked"`` (source by
+            source, in the order given).
     """
 
     def __init__(
@@ -118,6 +123,8 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         download: bool = False,
         verify_images: bool = True,
         prefix_cache: PrefixCacheConfig | dict[str, Any] | None = None,
+        sources: list[dict[str, Any]] | None = None,
+        domain_order: Literal["interleaved", "blocked"] = "interleaved",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -145,20 +152,36 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         self._reader = build_reader(dataset, root, ReadOptions(
             split_file=split_file, test_fraction=test_fraction, split_seed=split_seed,
             limit_per_class_train=limit_per_class_train, limit_per_class_test=limit_per_class_test,
-            download=download, verify_images=verify_images,
+            download=download, verify_images=verify_images, sources=tuple(sources or ()),
+            domain_order=domain_order, class_seed=int(seed),
         ))
+        if sources and dataset != "mixture":
+            raise ValueError(f"data.sources is for dataset='mixture', not {dataset!r}; drop sources or set "
+                             "dataset: mixture.")
         if validation_fraction is not None:
             self._reader = ValidationReader(self._reader, validation_fraction, split_seed)  # type: ignore[assignment]
         self.num_classes: int = self._reader.num_classes
         if num_tasks is None and increment is None:
             num_tasks = min(self._reader.default_num_tasks, self.num_classes)
-        check_scenario(dataset, root, self.num_classes, self._reader.class_names, num_tasks, increment,
-                       initial_classes)
-        self.task_sizes: list[int] = task_sizes(self.num_classes, num_tasks, increment, initial_classes)
+        plan = self._reader.task_plan(num_tasks, seed)
+        #: The source (domain) of every task in a mixed-domain scenario, else None.
+        self.task_domains: list[str] | None = None
+        if plan is not None:
+            if increment is not None or initial_classes is not None or class_order != "seed":
+                raise ValueError(f"dataset={dataset!r} decides its own class order and task sizes (each task from "
+                                 "one source, in proportion to its classes): drop increment, initial_classes and "
+                                 "class_order, and set num_tasks (and domain_order).")
+            self.task_sizes: list[int] = list(plan.sizes)
+            self.class_order: list[int] = list(plan.class_order)
+            self.task_domains = list(plan.domains)
+        else:
+            check_scenario(dataset, root, self.num_classes, self._reader.class_names, num_tasks, increment,
+                           initial_classes)
+            self.task_sizes = task_sizes(self.num_classes, num_tasks, increment, initial_classes)
+            #: ``class_order[k]`` is the original class that becomes global class ``k``.
+            self.class_order = resolve_class_order(class_order, self.num_classes, seed)
         self.num_tasks: int = len(self.task_sizes)
         self._ranges = task_ranges(self.task_sizes)
-        #: ``class_order[k]`` is the original class that becomes global class ``k``.
-        self.class_order: list[int] = resolve_class_order(class_order, self.num_classes, seed)
         self._global_of = np.empty(self.num_classes, dtype=np.int64)
         self._global_of[self.class_order] = np.arange(self.num_classes)
 
@@ -184,6 +207,7 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         self.hparams["source"] = self._reader.source
         self.hparams["num_classes"] = self.num_classes
         self.hparams["task_sizes"] = self.task_sizes
+        self.hparams["task_domains"] = self.task_domains
         self.hparams["class_order_resolved"] = self.class_order
         self.hparams["data_config"] = self.data_config.to_dict()
         self.hparams["train_crop_resolved"] = crop

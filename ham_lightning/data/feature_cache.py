@@ -202,7 +202,7 @@ def split_identity(data: SplitData, source: str = "", root: Path | None = None) 
 
     In-memory arrays (digits, CIFAR-100): the bytes themselves; a data set read from one file (the Tiny-ImageNet
     zip, ``root``): that file's sha256 (0.1 s for 100 MB), so a copy or another path to it hits the same cache;
-    other decoded-on-load splits: the reader's cache parts and stamp (resolved path, size and mtime of every
+    other decoded-on-load splits and zip or mixed stores: the reader's cache parts and stamp (resolved path, size and mtime of every
     file); file-backed splits: size and mtime of every file. Always with the image names (relative to
     ``source``, the reader's location string) and labels, so a per-class limit changes it.
     """
@@ -212,7 +212,7 @@ def split_identity(data: SplitData, source: str = "", root: Path | None = None) 
         parts.append(hashlib.sha256(np.ascontiguousarray(data.images).data).hexdigest())
     elif root is not None and root.is_file():
         parts.append(file_sha256(root))
-    elif data.decode is not None:
+    elif data.decode is not None or data.store is not None:
         parts += [*data.cache_parts, *(data.cache_stamp() if data.cache_stamp is not None else [])]
     else:
         stats = (os.stat(name) for name in data.names)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -87,24 +88,44 @@ def _progress(total: int, what: str) -> Any:
 
 def verify_image_files(paths: Sequence[str]) -> None:
     """Open every file and run PIL's ``verify`` (header, and chunk checksums for PNG), so a file that is not an
-    image fails at setup, naming it, not mid-epoch. A JPEG truncated after a valid header passes here; decoding
-    it later raises an error that names it too."""
+    image fails at setup, naming it, not mid-epoch. Every bad file of the list is named in one error. A JPEG
+    truncated after a valid header passes here; decoding it later raises an error that names it too."""
+    problems: list[str] = []
     with _progress(len(paths), "verifying image files") as bar:
         for path in paths:
-            _verify_one(path)
+            problem = _check_image(lambda p=path: p, path)
+            if problem:
+                problems.append(problem)
             bar.update(1)
+    raise_bad_images(problems)
 
 
-def _verify_one(path: str) -> None:
+def _check_image(open_source: Callable[[], Any], name: str) -> str | None:
+    """None if PIL verifies the image ``open_source()`` gives (a path or a file object), else what is wrong."""
     try:
-        with Image.open(path) as image:
+        with Image.open(open_source()) as image:
             image.verify()
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"Image file listed but missing: {path}.") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(
-            f"Corrupt or unreadable image: {path} ({type(err).__name__}: {err}). Replace or remove this file."
-        ) from err
+    except (FileNotFoundError, KeyError):
+        return f"Image file listed but missing: {name}"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return f"Corrupt or unreadable image: {name} ({type(err).__name__}: {err})"
+    return None
+
+
+class BadImagesError(ValueError):
+    """One or more images of a split cannot be read; the message lists every one of them."""
+
+
+def raise_bad_images(problems: Sequence[str]) -> None:
+    """Raise one `BadImagesError` naming every bad image (nothing if ``problems`` is empty)."""
+    if not problems:
+        return
+    shown = "\n  ".join(problems[:50])
+    more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+    raise BadImagesError(
+        f"{len(problems)} bad image(s) in this split:\n  {shown}{more}\n"
+        "Replace or remove these files (or set verify_images=False to find them only when they are read)."
+    )
 
 
 def fingerprint(parts: Iterable[str | bytes]) -> str:
@@ -176,3 +197,74 @@ class FileImageStore(ImageStore):
     def get(self, index: int) -> torch.Tensor:
         path = self.paths[index]
         return torch.from_numpy(decode_rgb(path, path)).permute(2, 0, 1)
+
+
+class ZipImageStore(ImageStore):
+    """Images decoded per item from members of one zip archive (opened lazily, once per process, so forked
+    loader workers each hold their own handle)."""
+
+    def __init__(self, archive: str | os.PathLike[str], members: Sequence[str]) -> None:
+        self.archive = Path(archive)
+        self.members = list(members)
+        self._handle: tuple[int, zipfile.ZipFile] | None = None
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handle": None}
+
+    def _zip(self) -> zipfile.ZipFile:
+        if self._handle is None or self._handle[0] != os.getpid():
+            self._handle = (os.getpid(), zipfile.ZipFile(self.archive))
+        return self._handle[1]
+
+    def describe(self, index: int) -> str:
+        return f"{self.archive}:{self.members[index]}"
+
+    def get(self, index: int) -> torch.Tensor:
+        data = self._zip().read(self.members[index])
+        return torch.from_numpy(decode_rgb(data, self.describe(index))).permute(2, 0, 1)
+
+    def verify(self) -> None:
+        """PIL's ``verify`` on every member; one `BadImagesError` names every bad one (archive:member)."""
+        archive = self._zip()
+        problems: list[str] = []
+        with _progress(len(self.members), "verifying image files") as bar:
+            for i, member in enumerate(self.members):
+                problem = _check_image(lambda m=member: io.BytesIO(archive.read(m)), self.describe(i))
+                if problem:
+                    problems.append(problem)
+                bar.update(1)
+        raise_bad_images(problems)
+
+
+class ConcatImageStore(ImageStore):
+    """Several stores one after another (the sources of a mixed-domain scenario)."""
+
+    def __init__(self, stores: Sequence[ImageStore]) -> None:
+        self.stores = list(stores)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.stores])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def get(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.stores[part].get(index - int(self.offsets[part]))
+
+
+class SubsetImageStore(ImageStore):
+    """The items of ``store`` at ``positions``."""
+
+    def __init__(self, store: ImageStore, positions: Sequence[int] | np.ndarray) -> None:
+        self.store = store
+        self.positions = np.asarray(positions, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def get(self, index: int) -> torch.Tensor:
+        return self.store.get(int(self.positions[index]))

@@ -11,9 +11,10 @@ def task_sizes(
 ) -> list[int]:
     """Classes per task, PyCIL style: the first task has ``initial_classes``, every later one ``increment``.
 
-    Give ``num_tasks`` or ``increment`` (or both, consistent). Without ``initial_classes`` all tasks are equal.
-    The classes must divide exactly: a ragged last task is refused rather than made silently, and the error
-    lists the choices that would work.
+    Give ``num_tasks`` or ``increment`` (or both, consistent). With ``num_tasks``, classes that do not divide
+    into the tasks give tasks whose sizes differ by at most one (the larger ones first, as ``np.array_split``):
+    43 classes in 10 tasks are 3 tasks of 5 and 7 of 4. With ``increment`` the classes must divide exactly (a
+    ragged last task is refused rather than made silently, and the error lists the choices that would work).
     """
     if num_classes < 1:
         raise ValueError(f"the data set has no classes (num_classes={num_classes}).")
@@ -28,14 +29,10 @@ def task_sizes(
     if increment is None:
         assert num_tasks is not None
         if initial_classes is None:
-            if num_classes % num_tasks:
-                raise ValueError(
-                    f"num_tasks={num_tasks} does not divide the {num_classes} classes "
-                    f"({num_classes} % {num_tasks} = {num_classes % num_tasks}). "
-                    f"{_valid_equal_splits(num_classes)} Or set initial_classes so that the rest divides into "
-                    "num_tasks - 1 tasks."
-                )
-            return [num_classes // num_tasks] * num_tasks
+            if num_tasks > num_classes:
+                raise ValueError(f"num_tasks={num_tasks} is more than the {num_classes} classes; every task needs "
+                                 f"at least one class (num_tasks <= {num_classes}).")
+            return even_sizes(num_classes, num_tasks)
         rest = num_classes - initial_classes
         if num_tasks == 1:
             if rest:
@@ -44,13 +41,12 @@ def task_sizes(
                     "classes without a task; use initial_classes=num_classes or more tasks."
                 )
             return [initial_classes]
-        if rest % (num_tasks - 1) or rest == 0:
+        if rest < num_tasks - 1:
             raise ValueError(
-                f"num_tasks={num_tasks} with initial_classes={initial_classes} leaves {rest} classes that do not "
-                f"divide into {num_tasks - 1} equal tasks. Increments that divide {rest}: "
-                f"{_divisors_with_tasks(rest, first_tasks=1)}."
+                f"num_tasks={num_tasks} with initial_classes={initial_classes} leaves {rest} classes for "
+                f"{num_tasks - 1} tasks; every task needs at least one class."
             )
-        return [initial_classes] + [rest // (num_tasks - 1)] * (num_tasks - 1)
+        return [initial_classes] + even_sizes(rest, num_tasks - 1)
 
     first = increment if initial_classes is None else initial_classes
     rest = num_classes - first
@@ -68,6 +64,12 @@ def task_sizes(
             f"initial_classes={first} and increment={increment} make {len(sizes)} tasks. Give only one of them."
         )
     return sizes
+
+
+def even_sizes(num_classes: int, num_tasks: int) -> list[int]:
+    """``num_classes`` cut into ``num_tasks`` sizes that differ by at most one, the larger ones first."""
+    base, extra = divmod(num_classes, num_tasks)
+    return [base + 1] * extra + [base] * (num_tasks - extra)
 
 
 def task_ranges(sizes: list[int]) -> list[range]:

@@ -62,6 +62,9 @@ class RunResults(Callback):
         if continual is None or not continual.rows:
             return
         results = self.collect(continual, pl_module)
+        domains = getattr(trainer.datamodule, "task_domains", None)
+        if domains is not None:  # a mixed-domain scenario: the source of every task
+            results["task_domains"] = list(domains)
         results["fit_wall_time_s"] = time.perf_counter() - self._start if self._start else None
         self._write(trainer, results)
 

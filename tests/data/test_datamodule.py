@@ -222,9 +222,8 @@ def test_transforms_follow_the_backbone_and_overrides() -> None:
 
 
 def test_bad_arguments_fail_in_the_constructor() -> None:
-    with pytest.raises(ValueError, match=r"num_tasks=3 does not divide the 10 classes.*Increments that divide 10 "
-                                         r"classes: 1 \(10 tasks\), 2 \(5 tasks\), 5 \(2 tasks\), 10 \(1 task\)"):
-        digits(num_tasks=3)
+    with pytest.raises(ValueError, match=r"num_tasks=11 is more than the 10 classes"):
+        digits(num_tasks=11)
     with pytest.raises(ValueError, match=r"class_order is not a permutation of 0\.\.9.*missing \[9\].*"
                                          r"duplicated \[0\]"):
         digits(num_tasks=2, class_order=[0, 0, 1, 2, 3, 4, 5, 6, 7, 8])

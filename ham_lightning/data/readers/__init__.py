@@ -9,11 +9,14 @@ from .cifar100 import Cifar100Reader
 from .cub200 import Cub200Reader
 from .digits import DigitsReader
 from .image_folder import ImageFolderReader, ImageNetRReader
+from .mixture import MixtureReader, Source
 from .tiny_imagenet import TinyImageNetReader
+from .torchvision_sets import DTDReader, GTSRBReader
 
 READERS: dict[str, type[DatasetReader]] = {
     reader.name: reader
-    for reader in (DigitsReader, Cifar100Reader, ImageNetRReader, Cub200Reader, TinyImageNetReader, ImageFolderReader)
+    for reader in (DigitsReader, Cifar100Reader, ImageNetRReader, Cub200Reader, TinyImageNetReader, ImageFolderReader,
+                   GTSRBReader, DTDReader, MixtureReader)
 }
 
 
@@ -31,10 +34,14 @@ __all__ = [
     "Cifar100Reader",
     "Cub200Reader",
     "DatasetReader",
+    "DTDReader",
     "DigitsReader",
+    "GTSRBReader",
     "ImageFolderReader",
     "ImageNetRReader",
+    "MixtureReader",
     "ReadOptions",
+    "Source",
     "SplitData",
     "TinyImageNetReader",
     "build_reader",

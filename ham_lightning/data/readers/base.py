@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -39,6 +39,11 @@ class ReadOptions:
     limit_per_class_test: int | None = None
     download: bool = False
     verify_images: bool = True
+    #: The sources of a mixed-domain scenario (``dataset="mixture"``) and the order of their tasks.
+    sources: tuple[Any, ...] = ()
+    domain_order: str = "interleaved"
+    #: Seed of per-source class selections (the scenario's seed).
+    class_seed: int = 1993
 
     def limit(self, split: Split) -> int | None:
         return self.limit_per_class_train if split == "train" else self.limit_per_class_test
@@ -49,8 +54,11 @@ class SplitData:
     """One split as a reader delivers it: original class labels and where the images come from.
 
     Exactly one way to get pixels: ``images`` (already an ``N x H x W x 3`` uint8 array), ``decode`` (a function
-    returning that array, so it can be cached), or neither (``names`` are file paths decoded per item).
-    ``cache_parts`` (and ``cache_stamp()``, called only when a cache is used) identify what ``decode`` reads.
+    returning that array, so it can be cached), ``store`` (a function ``(cache_dir, cache_name, verify)`` returning
+    an `ImageStore`: members of a zip, or several sources), or none (``names`` are file paths decoded per item).
+    ``cache_parts`` (and ``cache_stamp()``, called only when a cache is used) identify what ``decode`` or
+    ``store`` reads. ``groups`` (optional, one id per sample) marks near-duplicates, such as the frames of one
+    GTSRB track, that a held-out split must never separate.
     """
 
     labels: np.ndarray
@@ -59,6 +67,8 @@ class SplitData:
     decode: Callable[[], np.ndarray] | None = None
     cache_parts: list[str | bytes] = field(default_factory=list)
     cache_stamp: Callable[[], list[str | bytes]] | None = None
+    store: Callable[[str | os.PathLike[str] | None, str, bool], ImageStore] | None = None
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -66,6 +76,10 @@ class SplitData:
             raise ValueError(f"{len(self.labels)} labels for {len(self.names)} images.")
         if self.images is not None and len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images for {len(self.labels)} labels.")
+        if self.groups is not None:
+            self.groups = np.asarray(self.groups, dtype=np.int64)
+            if len(self.groups) != len(self.labels):
+                raise ValueError(f"{len(self.groups)} group ids for {len(self.labels)} labels.")
 
     @property
     def in_memory(self) -> bool:
@@ -75,6 +89,8 @@ class SplitData:
         """Decode (or load from the cache) in-memory splits; check file-backed ones' headers if ``verify``."""
         if self.images is not None:
             return TensorImageStore(self.images)
+        if self.store is not None:
+            return self.store(cache_dir, cache_name, verify)
         if self.decode is not None:
             if cache_dir is None:
                 return TensorImageStore(self.decode())
@@ -84,6 +100,16 @@ class SplitData:
         if verify:
             verify_image_files(self.names)
         return FileImageStore(self.names)
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """A scenario's task structure imposed by its reader: ``class_order[k]`` is the original class that becomes
+    global class ``k``, task ``t`` owns the next ``sizes[t]`` global classes, ``domains[t]`` names its source."""
+
+    class_order: list[int]
+    sizes: list[int]
+    domains: list[str]
 
 
 class DatasetReader(ABC):
@@ -142,6 +168,11 @@ class DatasetReader(ABC):
         self.class_names = list(names)
         self.num_classes = len(names)
 
+    def task_plan(self, num_tasks: int | None, seed: int) -> TaskPlan | None:
+        """The class order and task sizes a reader imposes (a mixed-domain scenario: each task from one source),
+        or None: the datamodule's ``class_order``, ``num_tasks``, ``increment`` and ``initial_classes`` decide."""
+        return None
+
     def _select(self, split: Split, labels: np.ndarray) -> np.ndarray:
         """Positions kept after the per-class cap of ``split`` (the first N of each class, in reader order)."""
         return first_per_class(labels, self.options.limit(split))
@@ -158,11 +189,14 @@ def first_per_class(labels: np.ndarray, limit: int | None) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def seeded_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def seeded_split(labels: np.ndarray, test_fraction: float, seed: int,
+                 groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic per-class split: ``round(n * test_fraction)`` random samples of each class go to test.
 
-    Every class with at least two samples keeps one in each split. Positions come back sorted, so the readers'
-    order (and "the first N per class") survives the split.
+    Every class with at least two samples keeps one in each split. With ``groups`` (an id per sample), whole
+    groups move: a class's groups are shuffled and taken until the test part reaches ``round(n * test_fraction)``
+    samples (at least one group; one group is always left to train when a class has two or more). Positions
+    come back sorted, so the readers' order (and "the first N per class") survives the split.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
@@ -172,9 +206,23 @@ def seeded_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[n
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
         n_test = int(round(len(members) * test_fraction))
-        if len(members) >= 2:
-            n_test = min(max(n_test, 1), len(members) - 1)
-        test.append(rng.permutation(members)[:n_test])
+        if groups is None:
+            if len(members) >= 2:
+                n_test = min(max(n_test, 1), len(members) - 1)
+            test.append(rng.permutation(members)[:n_test])
+            continue
+        member_groups = np.asarray(groups)[members]
+        unique = np.unique(member_groups)
+        if len(unique) < 2:
+            continue
+        taken: list[np.ndarray] = []
+        count = 0
+        for g in rng.permutation(unique)[: len(unique) - 1]:
+            if count and count + (member_groups == g).sum() / 2 > n_test:
+                break
+            taken.append(members[member_groups == g])
+            count += len(taken[-1])
+        test.append(np.concatenate(taken))
     test_idx = np.sort(np.concatenate(test)) if test else np.empty(0, dtype=np.int64)
     train_mask = np.ones(len(labels), dtype=bool)
     train_mask[test_idx] = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,31 @@ def _relative(entry: str, base: Path) -> str:
         entry = entry[2:]
     prefix = base.name + "/"
     return entry[len(prefix):] if entry.startswith(prefix) else entry
+
+
+def zip_presplit(archive: Path) -> tuple[str, dict[str, dict[str, list[str]]]]:
+    """Find ``train/`` and ``test/`` inside a zip (at its top or one folder down) and list their class folders.
+
+    Returns the prefix (``""`` or ``"<top>/"``) and, per split, ``{class: [members]}`` with members in natural
+    order; hidden entries and non-image files are skipped. Raises `FileNotFoundError` naming the layout looked for.
+    """
+    with zipfile.ZipFile(archive) as handle:
+        members = [m for m in handle.namelist() if not m.endswith("/")]
+    tops = sorted({""} | {m.split("/", 1)[0] + "/" for m in members if "/" in m})
+    for prefix in tops:
+        found: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+        for member in members:
+            if not member.startswith(prefix):
+                continue
+            parts = member[len(prefix):].split("/")
+            if len(parts) < 3 or parts[0] not in found or any(part.startswith(".") for part in parts):
+                continue
+            if has_file_allowed_extension(parts[-1], IMG_EXTENSIONS):
+                found[parts[0]].setdefault(parts[1], []).append(member)
+        if found["train"] and found["test"]:
+            for split in found.values():
+                for files in split.values():
+                    files.sort(key=natural_key)
+            return prefix, found
+    raise FileNotFoundError(f"{archive} holds no train/<class>/<image> and test/<class>/<image> at its top or one "
+                            "folder down")

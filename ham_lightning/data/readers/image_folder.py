@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ..image_store import ZipImageStore
 from .base import DatasetReader, Split, SplitData, seeded_split, seeded_split_name
-from .folders import check_same_classes, class_dirs, presplit_dirs, read_split_file, scan_classes
+from .folders import check_same_classes, class_dirs, presplit_dirs, read_split_file, scan_classes, zip_presplit
 
 
 class ImageFolderReader(DatasetReader):
@@ -20,7 +23,8 @@ class ImageFolderReader(DatasetReader):
     name = "image_folder"
     layout = (
         "ROOT/<class>/<image> (split per class with a seeded split, or by split_file), or pre-split "
-        "ROOT/train/<class>/<image> and ROOT/test/<class>/<image>"
+        "ROOT/train/<class>/<image> and ROOT/test/<class>/<image>; ROOT may also be a zip holding train/ and "
+        "test/ at its top or one folder down"
     )
 
     def _base(self) -> Path:
@@ -29,6 +33,10 @@ class ImageFolderReader(DatasetReader):
 
     def _scan(self) -> None:
         self.base = self._base()
+        self._zip: dict[Split, tuple[list[str], np.ndarray]] | None = None
+        if self.base.is_file():
+            self._scan_zip()
+            return
         if not self.base.is_dir():
             raise self.missing(f"{self.base} is not a folder")
         self._presplit = presplit_dirs(self.base) if self.options.split_file is None else None
@@ -45,6 +53,30 @@ class ImageFolderReader(DatasetReader):
         # Listing files is cheap next to decoding them: do it now, so that an empty class folder or a bad
         # split file fails while the scenario is built, not when training starts.
         self._index()
+
+    def _scan_zip(self) -> None:
+        """A zip read as it comes: pre-split ``train/`` ``test/`` class folders at its top or one folder down."""
+        if not zipfile.is_zipfile(self.base):
+            raise self.missing(f"{self.base} is not a folder (nor a zip archive)")
+        if self.options.split_file:
+            raise ValueError(f"{self.name}: split_file applies to a folder; {self.base} is a zip with its own "
+                             "train/ and test/ split. Drop split_file, or extract the zip and point root at it.")
+        try:
+            prefix, found = zip_presplit(self.base)
+        except FileNotFoundError as err:
+            raise self.missing(str(err)) from err
+        train, test = sorted(found["train"]), sorted(found["test"])
+        if train != test:
+            only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+            raise ValueError(f"{self.name}: {self.base}:{prefix}train/ and test/ must hold the same class folders; "
+                             f"only in train/: {only_train[:10]}, only in test/: {only_test[:10]}.")
+        self.split = "folders"
+        self._set_classes(train)
+        self._zip = {
+            split: ([m for c in train for m in found[split][c]],
+                    np.asarray([i for i, c in enumerate(train) for _ in found[split][c]], dtype=np.int64))
+            for split in ("train", "test")
+        }
 
     @property
     def source(self) -> str:
@@ -96,9 +128,37 @@ class ImageFolderReader(DatasetReader):
         return train, test
 
     def load(self, split: Split) -> SplitData:
+        if self._zip is not None:
+            return self._load_zip(split)
         paths, labels = self._index()[split]
         positions = self._select(split, labels)
-        return SplitData(labels=labels[positions], names=[paths[i] for i in positions])
+        names = [paths[i] for i in positions]
+        return SplitData(labels=labels[positions], names=names, groups=self.groups_of(names))
+
+    def _load_zip(self, split: Split) -> SplitData:
+        assert self._zip is not None
+        members, labels = self._zip[split]
+        positions = self._select(split, labels)
+        members = [members[i] for i in positions]
+        archive = self.base
+
+        def store(cache_dir: object, cache_name: str, verify: bool) -> ZipImageStore:
+            out = ZipImageStore(archive, members)
+            if verify:
+                out.verify()
+            return out
+
+        def stamp() -> list[str | bytes]:
+            st = os.stat(archive)
+            return [f"{st.st_size}:{st.st_mtime_ns}"]
+
+        return SplitData(labels=labels[positions], names=[f"{archive}:{m}" for m in members], store=store,
+                         cache_parts=[self.name, split, str(archive.resolve())], cache_stamp=stamp,
+                         groups=self.groups_of(members))
+
+    def groups_of(self, names: list[str]) -> np.ndarray | None:
+        """Near-duplicate groups of the images (``None``: every image stands alone); see `GTSRBReader`."""
+        return None
 
 
 class ImageNetRReader(ImageFolderReader):

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..image_store import SubsetImageStore
 from .base import DatasetReader, Split, SplitData, seeded_split
 
 
@@ -36,14 +37,17 @@ class ValidationReader:
             self._train = self.reader.load("train")
             if self._train.decode is not None:
                 self._train.decode = functools.cache(self._train.decode)
+            if self._train.store is not None:
+                build = functools.cache(self._train.store)
+                self._train.store = lambda cache_dir, name, verify: build(cache_dir, f"{self.split}-train", verify)
         data = self._train
-        train, held_out = seeded_split(data.labels, self.fraction, self.seed)
+        train, held_out = seeded_split(data.labels, self.fraction, self.seed, groups=data.groups)
         return subset(data, train if split == "train" else held_out, tag=f"{self.split}:{split}")
 
 
 def subset(data: SplitData, positions: np.ndarray, tag: str) -> SplitData:
     """The samples of ``data`` at ``positions`` (decoding, if lazy, stays lazy and decodes the parent once)."""
-    decode = data.decode
+    decode, store = data.decode, data.store
     return SplitData(
         labels=data.labels[positions],
         names=[data.names[i] for i in positions],
@@ -51,6 +55,9 @@ def subset(data: SplitData, positions: np.ndarray, tag: str) -> SplitData:
         decode=None if decode is None else (lambda: decode()[positions]),
         cache_parts=[*data.cache_parts, tag],
         cache_stamp=data.cache_stamp,
+        store=None if store is None else (
+            lambda cache_dir, name, verify: SubsetImageStore(store(cache_dir, name, verify), positions)),
+        groups=None if data.groups is None else data.groups[positions],
     )
 
 
