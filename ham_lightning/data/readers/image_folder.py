@@ -10,7 +10,14 @@ import numpy as np
 
 from ..image_store import ZipImageStore
 from .base import DatasetReader, Split, SplitData, seeded_split, seeded_split_name
-from .folders import check_same_classes, class_dirs, presplit_dirs, read_split_file, scan_classes, zip_presplit
+from .folders import (
+    check_same_classes,
+    class_dirs,
+    presplit_dirs,
+    read_split_file,
+    scan_classes,
+    zip_presplit,
+)
 
 
 class ImageFolderReader(DatasetReader):

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..image_store import ConcatImageStore, ImageStore, SubsetImageStore
 from ..task_split import even_sizes
-from .base import DatasetReader, ReadOptions, Split, SplitData, TaskPlan
+from .base import DatasetReader, Split, SplitData, TaskPlan
 
 DomainOrder = Literal["interleaved", "blocked"]
 

@@ -12,7 +12,7 @@ import pytest
 
 from ham_lightning.data import ClassIncrementalDataModule
 from ham_lightning.data.image_store import BadImagesError
-from ham_lightning.data.readers import ReadOptions, build_reader
+from ham_lightning.data.readers import build_reader
 from ham_lightning.data.readers.base import seeded_split
 from ham_lightning.data.readers.mixture import proportional_shares
 
