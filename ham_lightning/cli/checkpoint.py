@@ -1,0 +1,79 @@
+"""``<run>/checkpoints/last.ckpt``: the checkpoint the CLI writes, the one way to resume a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
+
+#: Where the CLI keeps its own state in a Lightning checkpoint (the resolved config the run started with).
+CHECKPOINT_KEY = "ham_lightning_cli"
+
+
+class SequenceCheckpoint(Checkpoint):
+    """``<run>/checkpoints/last.ckpt`` after every training epoch, so also after every task boundary's merge.
+
+    A `Checkpoint` subclass, so Lightning runs it after the other callbacks' epoch-end hooks (the boundary's
+    merge and evaluation are in the file). Lightning's ``ModelCheckpoint(save_last=True, save_top_k=0)`` writes
+    ``last.ckpt`` only with a top-k save, and skips epochs without an optimizer step (``ncm``), hence this one.
+    ``trainer.save_checkpoint`` writes atomically (fsspec transaction), so a kill mid-write leaves the previous
+    file whole. The file also holds the resolved CLI config, against which a resume is checked.
+    """
+
+    def __init__(self, dirpath: str | Path, config: dict[str, Any] | None = None,
+                 resume_command: str | None = None) -> None:
+        self.dirpath = Path(dirpath)
+        self.config = config
+        self.resume_command = resume_command
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.path.exists():  # a new run: a kill in its first epoch still leaves a file to resume from
+            self._save(trainer, "start")
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._save(trainer, "epoch_end")
+
+    def _save(self, trainer: Trainer, point: str) -> None:
+        self._point = point
+        trainer.save_checkpoint(self.path, weights_only=False)
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"config": self.config, "saved_at": getattr(self, "_point", None),
+                                      "format": 1}
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            return
+        what = "SIGTERM" if isinstance(exception, SIGTERMException) else "Interrupted"
+        if self.path.is_file():
+            rank_zero_info(f"{what}: the run stopped; {self.path} holds it {_checkpoint_point(self.path)}. "
+                           f"Resume with:\n  {self.resume_command}")
+        else:
+            rank_zero_info(f"{what}: the run stopped before training started; nothing to resume (start it again).")
+
+
+def _checkpoint_point(path: Path) -> str:
+    """``at the start of training`` or ``up to the end of epoch N`` (for the message after a stop)."""
+    try:
+        import torch
+
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a message only: never fail the shutdown over it
+        return "as last saved"
+    if (checkpoint.get(CHECKPOINT_KEY) or {}).get("saved_at") == "start":
+        return "at the start of training"
+    return f"up to the end of epoch {checkpoint.get('epoch', '?')}"
+

@@ -1,0 +1,107 @@
+"""``ham-lightning predict``: the folded model's predictions, one CSV row per image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+if TYPE_CHECKING:
+    from ham_lightning.cli.app import HAMLightningCLI
+
+
+def write_predictions(cli: HAMLightningCLI) -> Path:
+    """``ham-lightning predict``: the folded model's predictions among every class it has learned, for each
+    image of ``--predict_path`` (or of every task's test split), written to ``<run>/predictions.csv``."""
+    import csv
+
+    import torch
+
+    config = cli.config_init["predict"]
+    ckpt_path = config.get("ckpt_path")
+    if not ckpt_path:
+        cli._error("predict", "predict needs --ckpt_path (a checkpoint of `ham-lightning fit`).")
+    dataset, rows = predict_dataset(cli, config.get("predict_path"))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cli.datamodule.eval_batch_size,
+                                         num_workers=cli.datamodule.num_workers)
+    cli.trainer.callbacks.append(FoldForPredict())
+    outputs = cli.trainer.predict(cli.model, dataloaders=loader, ckpt_path=ckpt_path)
+    logits = torch.cat([o.float() for o in outputs]) if outputs else torch.empty(0, 0)
+    seen = getattr(getattr(cli.model, "head", None), "seen", None)
+    if seen is not None and bool(seen.any()):
+        logits = logits.masked_fill(~seen.to(logits.device), float("-inf"))  # among the classes learned
+    probability, predicted = logits.softmax(dim=1).max(dim=1)
+    names = cli.datamodule.class_names
+    assert cli.run_dir is not None
+    path = cli.run_dir / "predictions.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*rows[0].keys(), "predicted", "predicted_name", "probability"] if rows else [])
+        for row, k, prob in zip(rows, predicted.tolist(), probability.tolist()):
+            writer.writerow([*row.values(), k, names[k] if names else "", f"{prob:.6f}"])
+    rank_zero_info(f"Predictions of {len(rows)} images: {path}")
+    return path
+
+
+def predict_dataset(cli: HAMLightningCLI, folder: str | None) -> tuple[Any, list[dict[str, Any]]]:
+    """Images only (what ``predict_step`` gets) and, per image, what identifies it in the CSV."""
+    import torch
+
+    dm = cli.datamodule
+    if folder is None:
+        dm.setup("test")
+        datasets = [dm.task_dataset(t, "test") for t in range(dm.num_tasks)]
+        rows = [{"task": t, "index": i, "label": int(label)}
+                for t, d in enumerate(datasets) for i, label in enumerate(d.targets().tolist())]
+        return _ImagesOnly(torch.utils.data.ConcatDataset(datasets)), rows
+    from ham_lightning.data.image_store import is_image_file
+
+    files = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file() and is_image_file(p.name))
+    if not files:
+        cli._error("predict", f"--predict_path {folder}: no image files there.")
+    return _ImageFiles(files, dm.eval_transform), [{"file": f} for f in files]
+
+
+class FoldForPredict(Callback):
+    """Fold the merged adapters into the weights once the checkpoint is loaded: bare-backbone inference."""
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        controller = getattr(pl_module, "ham", None)
+        if controller is not None and hasattr(controller, "fold"):
+            controller.fold()
+
+
+class _ImagesOnly:
+    """``(image, label)`` items as images alone: what a LightningModule's default ``predict_step`` takes."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index][0]
+
+
+class _ImageFiles:
+    """Image files decoded to RGB and given the datamodule's eval transform."""
+
+    def __init__(self, files: list[str], transform: Any) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Any:
+        import torch
+
+        from ham_lightning.data.image_store import decode_rgb
+
+        image = torch.from_numpy(decode_rgb(self.files[index], self.files[index])).permute(2, 0, 1)
+        return self.transform(image)

@@ -1,0 +1,113 @@
+"""Run folders: a run owns ``<runs_dir>/<run_name>``; a new run never writes into a folder that holds another."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+#: The marker of a folder in use by a run (holds the owner's process id while it runs).
+LOCK_NAME = ".ham-lightning.lock"
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used: it holds another run, or another process is running in it."""
+
+
+class RunFolder:
+    """Exclusive use of ``path`` by this process: an advisory lock held until `release` (or the process's end).
+
+    ``fcntl.flock`` locks go away with their process, even one killed by SIGKILL, so a killed run's folder can be
+    resumed at once; two processes can never both hold one. Without ``fcntl`` (Windows) only the content check
+    applies.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = open(self.path / LOCK_NAME, "a+")  # noqa: SIM115 (held open while the run lasts)
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except OSError:
+            lock.seek(0)
+            owner = lock.read().strip() or "?"
+            lock.close()
+            raise RunFolderError(
+                f"{self.path} is in use by another run (process {owner}). Wait for it to end, or choose another "
+                "--run_name."
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._file = lock
+
+    def others(self) -> list[str]:
+        """What the folder holds besides the lock: another run's files."""
+        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK_NAME) if self.path.is_dir() else []
+
+    def release(self) -> None:
+        if self._file is not None:
+            try:
+                (self.path / LOCK_NAME).unlink(missing_ok=True)
+            finally:
+                self._file.close()  # closing the file drops the flock
+                self._file = None
+
+
+#: Run folders held by the CLI calls in progress in this process (released when each call returns).
+_HELD: list[RunFolder] = []
+
+
+def claim_new_run(runs_dir: Path, run_name: str | None, default_name: str) -> RunFolder:
+    """A fresh folder for a new run: ``run_name`` if free, else refused; an automatic name gets ``-2``, ``-3``..."""
+    candidates: Iterator[str]
+    if run_name:
+        candidates = iter([run_name])
+    else:
+        candidates = (default_name if k == 1 else f"{default_name}-{k}" for k in range(1, 1000))
+    for name in candidates:
+        folder = RunFolder(runs_dir / name)
+        if folder.others():
+            if run_name:
+                _refuse_taken(folder)
+            continue
+        try:
+            folder.acquire()
+        except RunFolderError:
+            if run_name:
+                raise
+            continue
+        if folder.others():  # another run claimed and filled it between our check and our lock
+            folder.release()
+            if run_name:
+                _refuse_taken(folder)
+            continue
+        return folder
+    raise RunFolderError(f"No free run folder named {default_name}[-k] under {runs_dir}.")
+
+
+def _refuse_taken(folder: RunFolder) -> None:
+    shown = ", ".join(folder.others()[:4])
+    resume = folder.path / "checkpoints" / "last.ckpt"
+    hint = (f"; to continue that run: --ckpt_path {resume}" if resume.is_file() else "")
+    raise RunFolderError(
+        f"{folder.path} already holds a run ({shown}). A new run never writes into another run's folder: choose "
+        f"another --run_name (or leave it out for a fresh dated one){hint}."
+    )
+
+
+def resumed_run_folder(ckpt_path: Path) -> Path | None:
+    """The run folder a ``<run>/checkpoints/<file>.ckpt`` belongs to (None for a checkpoint kept elsewhere)."""
+    if ckpt_path.parent.name == "checkpoints":
+        return ckpt_path.parent.parent
+    return None
+
