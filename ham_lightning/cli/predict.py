@@ -72,8 +72,8 @@ class FoldForPredict(Callback):
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         controller = getattr(pl_module, "ham", None)
-        if controller is not None and hasattr(controller, "fold"):
-            controller.fold()
+        if controller is not None and hasattr(controller, "fold") and not controller.config.routing:
+            controller.fold()  # a routed model runs unfolded: each input takes its own group's delta
 
 
 class _ImagesOnly:

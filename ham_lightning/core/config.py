@@ -9,6 +9,7 @@ PruneMode = Literal["magnitude", "rank", "none"]
 Granularity = Literal["adapter", "layer"]
 SimilarityReduction = Literal["concat", "layer_mean"]
 AdapterInit = Literal["shared", "per_task"]
+SimilaritySource = Literal["weights", "data"]
 #: What happens at a task boundary: HAM's hierarchical merge, or one of the baselines (docs/results.md). These
 #: are the built-in merge rules; `ham_lightning.core.merge_rules.register_merge_rule` adds more.
 Method = Literal["ham", "seq_lora", "merge_sum", "merge_average", "merge_ties"]
@@ -54,6 +55,18 @@ class HAMConfig:
     similarity_threshold: float | None = field(
         default=None,
         metadata={"help": "tau: open a free slot only if the best cosine is below tau (None: always while free)."},
+    )
+    similarity_source: SimilaritySource = field(
+        default="weights",
+        metadata={"help": "What a task is compared with each slot by: 'weights' (cosine of the deltas, design.md) or "
+                          "'data' (overlap of the pooled inputs of the adapted part, measured at the task's start; "
+                          "the adapter then trains on top of its slot). Needs adapt_from."},
+    )
+    routing: bool = field(
+        default=False,
+        metadata={"help": "Route each input to the one slot its pooled inputs at adapt_from resemble and apply that "
+                          "slot's delta only (False: every slot's delta on every input, the paper's merged "
+                          "inference). Needs adapt_from; fold() is then refused."},
     )
     similarity: SimilarityReduction = field(
         default="concat",
@@ -123,6 +136,10 @@ class HAMConfig:
             errors.append(f"adapter_init must be 'shared' or 'per_task', got {self.adapter_init!r}")
         if not 0.0 <= self.protect_inputs < 1.0:
             errors.append(f"protect_inputs is an energy fraction in [0, 1), got {self.protect_inputs}")
+        if self.similarity_source not in ("weights", "data"):
+            errors.append(f"similarity_source must be 'weights' or 'data', got {self.similarity_source!r}")
+        if (self.routing or self.similarity_source == "data") and not self.adapt_from:
+            errors.append("routing and similarity_source='data' read the inputs of the adapted part: set adapt_from")
         if self.similarity_threshold is not None and not -1.0 <= self.similarity_threshold <= 1.0:
             errors.append(f"similarity_threshold is a cosine, in [-1, 1]; got {self.similarity_threshold}")
         from ham_lightning.core.merge_rules import (

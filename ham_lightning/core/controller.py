@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from ham_lightning.core import algebra
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.layer import HAMLayer
 from ham_lightning.core.merge_rules import MergeDecision, MergeRule, create_merge_rule
+from ham_lightning.core.routing import PrefixRouter, input_dim, run_observed
 from ham_lightning.core.norm import freeze_norm_layers
 from ham_lightning.core.targets import find_targets
 
@@ -64,6 +65,17 @@ class HAMController:
         self._state = HAMControllerState(self, create_merge_rule(config.method))
         first = next(iter(layers))
         layers[first].add_module(STATE_NAME, self._state)
+        #: Per-task / per-slot statistics of the adapted part's pooled inputs (`HAMConfig.routing`,
+        #: ``similarity_source="data"``); a child of the state module, so checkpoints carry it.
+        self.router: PrefixRouter | None = None
+        if config.routing or config.similarity_source == "data":
+            if not config.adapt_from:
+                raise ValueError("HAMConfig.routing and similarity_source='data' read the inputs of the adapted "
+                                 "part: set adapt_from (e.g. 'blocks.6' on EfficientNet, 'blocks.8' on a ViT).")
+            block = model.get_submodule(config.adapt_from)
+            self.router = PrefixRouter(input_dim(block), config.max_groups)
+            self._state.router = self.router
+            block.register_forward_pre_hook(self._route_hook)
         #: Where the state module sits in the model (``<first HAM layer>.ham_state``), for its state-dict keys.
         self.state_name = f"{first}.{STATE_NAME}"
 
@@ -113,7 +125,44 @@ class HAMController:
     def named_layers(self) -> Iterator[tuple[str, HAMLayer]]:
         return iter(self.layers.items())
 
+    # -- routing ------------------------------------------------------------------------------------------------
+    def _route_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        assert self.router is not None
+        routes = self.router.routes_for(args[0], training=module.training)
+        if not self.config.routing:
+            routes = None
+        for layer in self.layers.values():
+            layer.route = routes
+
+    @torch.no_grad()
+    def observe_task(self, batches: Iterable[Any], forward: Callable[[Any], Any]) -> list[float | None]:
+        """Record the current task's data statistics (``forward(x)`` of each batch, stopped at the adapted part)
+        and plan its slot: the adapter then trains on top of that slot's delta and joins it at the boundary.
+        Returns the data similarity to every slot. Needs a router (`HAMConfig.routing` or data similarity)."""
+        if self.router is None:
+            raise RuntimeError("observe_task needs HAMConfig.routing=True or similarity_source='data'.")
+        self.router.reset_task()
+        with self.router.observing():
+            for x in batches:
+                run_observed(lambda x=x: forward(x))
+        sims = self.router.similarities(self.occupied)
+        if self.config.similarity_source == "data":
+            from ham_lightning.core.merge_rules import HierarchicalMerge
+
+            g, _ = HierarchicalMerge.choose_group(sims, self.config.similarity_threshold)
+            self.router.planned.fill_(g if self.config.method == "ham" else -1)
+        return sims
+
     # -- the task boundary --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def group_similarities(self) -> list[float | None]:
+        """What a merge rule compares the task with: the data similarity of the task's inputs to each slot's
+        (``similarity_source="data"``), else the cosine of the deltas (`similarities`)."""
+        if self.config.similarity_source == "data":
+            assert self.router is not None
+            return self.router.similarities(self.occupied)
+        return self.similarities()
+
     @torch.no_grad()
     def similarities(self) -> list[float | None]:
         """Cosine between the active task delta and each occupied slot's effective delta (None if empty)."""
@@ -134,6 +183,9 @@ class HAMController:
         if self._folded is not None:
             raise RuntimeError("end_task() on a folded model: call unfold() first.")
         decision = self.merge_rule.end_task(self)
+        if self.router is not None and self.router.has_task_statistics:
+            self.router.commit(decision.group)
+            self.router.reset_task()
         self.history.append(decision)
         return decision
 
@@ -158,6 +210,10 @@ class HAMController:
         """
         if self._folded is not None:
             return self.model
+        if self.config.routing:
+            raise RuntimeError("fold() writes every group into one weight, but this model routes each input to "
+                               "one group (HAMConfig.routing=True): run it unfolded, or set routing=False for the "
+                               "paper's merged inference.")
         self._folded = {}
         for name, layer in self.layers.items():
             plain = copy.deepcopy(layer.base)

@@ -263,6 +263,9 @@ class HAMLayer(nn.Module):
         self._active_group_rank = 0
         # (key, W_g): the groups fused into the frozen weight, see `fused_weight`. Not state: never saved.
         self._fused: tuple[tuple, Tensor] | None = None
+        #: Per-input group slot (``N`` longs, -1: none) set for one forward by the controller's router
+        #: (`HAMConfig.routing`); None: every group applies to every input (the paper's merged inference).
+        self.route: Tensor | None = None
         self.register_load_state_dict_post_hook(_refresh_after_load)
         _install_step_counter()
 
@@ -415,7 +418,7 @@ class HAMLayer(nn.Module):
         Paths: ``single`` (no occupied group), ``lowrank``, ``merged``, ``merged_dense`` (see the class).
         """
         k = self._active_group_rank * self.max_groups
-        if k == 0:
+        if k == 0 or self.route is not None:  # routed: the groups are added per input (`_routed_groups`)
             return "single", False
         c_grad = torch.is_grad_enabled() and self.group_scalars.requires_grad
         path = self._group_path
@@ -431,6 +434,12 @@ class HAMLayer(nn.Module):
         return any(p.requires_grad for p in self.base.parameters())
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._forward(x)
+        if self.route is not None and self._active_group_rank:
+            y = self._routed_groups(x, y)
+        return y
+
+    def _forward(self, x: Tensor) -> Tensor:
         if self._base_trains():
             return self._forward_reference(x)
         if self.is_conv:
@@ -440,6 +449,29 @@ class HAMLayer(nn.Module):
             # view runs the frozen weight and the adapter together (fewer, larger ops than three thin conv2d calls).
             return self._forward_linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self._forward_linear(x)
+
+    def _routed_groups(self, x: Tensor, y: Tensor) -> Tensor:
+        """``y`` plus, for every input, the delta of its routed slot only: ``s c_g B_g A_g x_n`` (`route`)."""
+        route = self.route
+        assert route is not None
+        if route.shape[0] != x.shape[0]:
+            raise RuntimeError(f"{route.shape[0]} routes for a batch of {x.shape[0]}: the router's hook must see the "
+                               "same batch as the adapted layers (HAMConfig.routing).")
+        scales = self.group_scalars.detach() * self.scaling
+        for g in torch.unique(route).tolist():
+            if g < 0 or not bool(self.group_occupied[g]):
+                continue
+            idx = torch.nonzero(route == g).flatten()
+            B, A = self.slot_factors(g)
+            xg = x.index_select(0, idx)
+            B, A = (scales[g] * B).to(xg.dtype), A.to(xg.dtype)
+            if self.is_conv:
+                conv = {"stride": self.base.stride, "padding": self.base.padding, "dilation": self.base.dilation}
+                delta = F.conv2d(F.conv2d(xg, A[:, :, None, None], None, **conv), B[:, :, None, None])
+            else:
+                delta = F.linear(F.linear(xg, A), B)
+            y = y.index_add(0, idx, delta.to(y.dtype))
+        return y
 
     def _forward_linear(self, x: Tensor) -> Tensor:
         """The layer on inputs whose last dimension is ``in_features`` (tokens of a Linear, pixels of a 1x1 conv)."""
@@ -501,6 +533,8 @@ class HAMLayer(nn.Module):
         no gradient), and twice differentiable."""
         base = self.base
         A_g, B_g, group_scale = self._group_weights()
+        if self.route is not None:  # routed: the groups are added per input after this (`_routed_groups`)
+            group_scale = group_scale * 0.0
         delta = (B_g * group_scale) @ A_g + (self.lora_B * (self.importance * self.scaling)) @ self.lora_A
         weight = base.weight + delta.to(base.weight.dtype).view_as(base.weight)
         if self.is_conv:

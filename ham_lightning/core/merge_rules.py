@@ -202,7 +202,7 @@ class HierarchicalMerge(MergeRule):
     def end_task(self, controller: HAMController) -> MergeDecision:
         cfg = controller.config
         layers = controller.layers.values()
-        sims = controller.similarities()
+        sims = controller.group_similarities()
         g, opened = self.choose_group(sims, cfg.similarity_threshold)
         for c in _shared_group_scalars(controller):
             if opened:

@@ -156,6 +156,26 @@ class HAMModule(LightningModule):
             self.loss_head.start_task(classes)
         if self.subspace is not None:
             self.subspace.project_()  # the fresh adapter starts off the old tasks' subspace
+        if self.ham is not None and self.ham.router is not None:
+            self.observe_task()
+
+    @torch.no_grad()
+    def observe_task(self, loader: Any = None) -> list[float | None]:
+        """The current task's data statistics for routing and data similarity (`HAMController.observe_task`):
+        one pass over its training data in a fixed order (the shuffling generator is not touched, so a resumed
+        run observes exactly what the uninterrupted one did), stopped at the adapted part."""
+        assert self.ham is not None
+        if loader is None:
+            from torch.utils.data import DataLoader
+
+            train = self.trainer.datamodule.train_dataloader()
+            loader = DataLoader(train.dataset, batch_size=train.batch_size or 256, shuffle=False)
+        was_training = self.training
+        self.eval()
+        batches = (move_data_to_device(x, self.device) for x, _ in loader)
+        sims = self.ham.observe_task(batches, self.features)
+        self.train(was_training)
+        return sims
 
     def on_task_end(self, task: int) -> None:
         self.head.end_task()

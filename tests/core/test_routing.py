@@ -1,0 +1,106 @@
+"""Routing (HAMConfig.routing) and data similarity (similarity_source='data') on a two-domain fixture."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from ham_lightning.core.config import HAMConfig
+from ham_lightning.core.controller import inject
+from ham_lightning.core.routing import PrefixRouter, bhattacharyya, gaussian
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(stem=nn.Identity(), blocks=nn.Sequential(Block())))
+
+
+def domain(name: str, n: int = 64, seed: int = 0) -> torch.Tensor:
+    """Inputs of domain A (centred at +3 on the first half of the features) or B (+3 on the second half)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    x[:, slice(0, 4) if name == "A" else slice(4, 8)] += 3.0
+    return x
+
+
+def run_sequence(config: HAMConfig, domains: list[str]) -> tuple[nn.Module, object]:
+    net = model()
+    ham = inject(net, config)
+    for t, name in enumerate(domains):
+        data = domain(name, seed=t)
+        ham.observe_task([data[:32], data[32:]], net)
+        for layer in ham.layers.values():  # a "trained" adapter: a fixed random delta per task
+            with torch.no_grad():
+                layer.lora_B.copy_(torch.randn_like(layer.lora_B, generator=torch.Generator().manual_seed(t)))
+        ham.end_task()
+    return net, ham
+
+
+def test_data_similarity_ranks_same_domain_tasks_above_cross_domain_ones() -> None:
+    router = PrefixRouter(8, 4)
+    stats = []
+    for t, name in enumerate(["A", "A", "B", "B"]):
+        x = domain(name, 256, seed=t)
+        stats.append(gaussian(x.double().sum(0), (x.double() ** 2).sum(0), torch.tensor(256.0, dtype=torch.float64)))
+    same = [bhattacharyya(*stats[0], *stats[1]), bhattacharyya(*stats[2], *stats[3])]
+    cross = [bhattacharyya(*stats[i], *stats[j]) for i in (0, 1) for j in (2, 3)]
+    assert min(same) > 0.9 > 0.5 > max(cross)
+    assert router.slot_count.sum() == 0
+
+
+def test_groups_follow_the_domains_and_routing_picks_the_right_group() -> None:
+    config = HAMConfig(target_modules=["fc1", "fc2"], adapt_from="blocks.0", routing=True,
+                       similarity_source="data", similarity_threshold=0.5, max_groups=4)
+    net, ham = run_sequence(config, ["A", "B", "A", "B", "A"])
+    assert ham.assignments == [0, 1, 0, 1, 0]
+    assert [d.opened for d in ham.history] == [True, True, False, False, False]
+    router = ham.router
+    routes_a = router.route(domain("A", 200, seed=99))
+    routes_b = router.route(domain("B", 200, seed=98))
+    assert (routes_a == 0).float().mean() > 0.97 and (routes_b == 1).float().mean() > 0.97
+    # The routed output of a domain-A input is the frozen layer plus group 0's delta alone.
+    net.eval()
+    x = domain("A", 8, seed=5)
+    routed = net(x)
+    assert (ham.layers["blocks.0.fc1"].route == 0).all()
+    ham.config.routing = False  # the paper's inference: every group on every input
+    merged = net(x)
+    ham.config.routing = True
+    only_group0 = model()
+    with torch.no_grad():
+        for name, layer in ham.layers.items():
+            B, A = layer.group_delta(0)
+            only_group0.get_submodule(name).weight += layer.scaling * B @ A
+    assert torch.allclose(routed, only_group0(x), atol=1e-5)
+    assert not torch.allclose(routed, merged, atol=1e-3)
+
+
+def test_training_runs_on_top_of_the_planned_group() -> None:
+    config = HAMConfig(target_modules=["fc1", "fc2"], adapt_from="blocks.0", routing=True,
+                       similarity_source="data", similarity_threshold=0.5)
+    net, ham = run_sequence(config, ["A", "B"])
+    ham.observe_task([domain("B", seed=7)], net)
+    assert int(ham.router.planned) == 1
+    net.train()
+    net(domain("A", 4))  # even inputs that look like A train on top of the planned slot
+    assert (ham.layers["blocks.0.fc2"].route == 1).all()
+    with pytest.raises(RuntimeError, match="routes each input to one group"):
+        ham.fold()
+
+
+def test_routing_needs_adapt_from() -> None:
+    with pytest.raises(ValueError, match="set adapt_from"):
+        HAMConfig(target_modules=["fc1"], routing=True)
