@@ -13,8 +13,8 @@ from ham_lightning.core import algebra
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.layer import HAMLayer
 from ham_lightning.core.merge_rules import MergeDecision, MergeRule, create_merge_rule
-from ham_lightning.core.routing import PrefixRouter, input_dim, run_observed
 from ham_lightning.core.norm import freeze_norm_layers
+from ham_lightning.core.routing import PrefixRouter, input_dim, run_observed
 from ham_lightning.core.targets import find_targets
 
 #: Name of the controller's state module (history and merge rule), a child of the first HAM layer.
