@@ -29,6 +29,14 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "ridge_frozen": ("ridge", []),
     "ncm_frozen": ("ncm", []),
     "joint": ("joint", []),  # every class in one task, same passes over the data: the head room of adaptation
+    "merge_sum": ("merge_sum", []),
+    "seq_lora": ("seq_lora", []),
+    # issue 22: groups chosen by the data (pooled inputs of the adapted part) and each input routed to its group
+    "data_similarity": ("ham", ["--model.ham.similarity_source=data", "--model.ham.similarity_threshold=0.01"]),
+    "routing": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
+                        "--model.ham.similarity_threshold=0.01"]),
+    "routing_protect_off": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
+                                    "--model.ham.similarity_threshold=0.01", "--model.ham.protect_inputs=0"]),
     "max_groups_1": ("ham", ["--model.ham.max_groups=1"]),
     "max_groups_2": ("ham", ["--model.ham.max_groups=2"]),
     "max_groups_8": ("ham", ["--model.ham.max_groups=8"]),

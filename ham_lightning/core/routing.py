@@ -2,16 +2,18 @@
 
 The frozen prefix already tells the domains apart: the pooled activations entering the adapted part (the
 ``adapt_from`` block) of a traffic sign, a font character and a photo fall in separate regions. `PrefixRouter`
-keeps, per task and per group slot, a diagonal Gaussian of those pooled activations (sums, squares, counts).
-It gives
+keeps the mean of those pooled activations per task and per group slot, and one within-task covariance shared by
+all tasks (the scatter of every task around its own mean). With them it gives
 
-* a data similarity between a new task and each slot (the Bhattacharyya coefficient of their Gaussians, in
-  [0, 1]; 1 for the same distribution), so that a task joins a slot of its own domain and opens one for a new
-  domain (`HAMConfig.similarity_source="data"`);
-* a route for every input at inference: the occupied slot of highest likelihood (`HAMConfig.routing`), whose
-  delta alone is applied, so tasks of other groups never interfere.
+* a data similarity between a new task and each slot: the Bhattacharyya coefficient of two Gaussians with the
+  shared covariance, ``exp(-d^2 / 8)`` for the Mahalanobis distance ``d`` of their means (1 for the same mean);
+  a task joins a slot of its own domain and opens one for a new domain (`HAMConfig.similarity_source="data"`);
+* a route for every input: linear discriminant analysis over the occupied slots (`HAMConfig.routing`), so only
+  that slot's delta applies and tasks of other groups never interfere.
 
-Pure PyTorch; the statistics are buffers, so they live in the model's ``state_dict`` and checkpoints.
+Measured on held-out training images of the mixed-domain scenario (docs/method.md): same-domain tasks at
+``d^2 <= 12``, cross-domain ones at ``d^2 >= 57``; 99.1% of inputs routed to their own domain's slot.
+Pure PyTorch; the statistics are float64 buffers in the model's ``state_dict`` and checkpoints.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-#: Floor of a per-dimension variance (activations that never vary would give infinite likelihoods).
-VAR_FLOOR = 1e-4
+#: Ridge added to the shared covariance, relative to its mean variance, so that it inverts.
+SHRINK = 0.1
 
 
 def pool(x: Tensor) -> Tensor:
@@ -37,20 +39,17 @@ def pool(x: Tensor) -> Tensor:
     return x.float().reshape(x.shape[0], -1)
 
 
-def gaussian(total: Tensor, squares: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and (floored) diagonal variance from float64 sums."""
-    n = count.clamp_min(1.0)
-    mean = total / n
-    var = (squares / n - mean**2).clamp_min(VAR_FLOOR)
-    return mean, var
+def shrunk(scatter: Tensor, count: Tensor) -> Tensor:
+    """The covariance ``scatter / count`` shrunk towards its mean variance (`SHRINK`)."""
+    cov = scatter / count.clamp_min(1.0)
+    scale = cov.diagonal().mean().clamp_min(1e-12)
+    return (1 - SHRINK) * cov + SHRINK * scale * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
 
 
-def bhattacharyya(m1: Tensor, v1: Tensor, m2: Tensor, v2: Tensor) -> float:
-    """Bhattacharyya coefficient ``exp(-D_B)`` of two diagonal Gaussians, normalised per dimension so that it
-    does not vanish with the dimension: ``exp(-D_B / D)``."""
-    v = (v1 + v2) / 2
-    distance = 0.125 * ((m1 - m2) ** 2 / v).sum() + 0.5 * (v.log().sum() - 0.5 * (v1.log().sum() + v2.log().sum()))
-    return math.exp(-float(distance) / m1.numel())
+def bhattacharyya(mean_a: Tensor, mean_b: Tensor, precision: Tensor) -> float:
+    """Bhattacharyya coefficient of two Gaussians sharing the covariance whose inverse is ``precision``."""
+    d = mean_a - mean_b
+    return math.exp(-float(d @ precision @ d) / 8.0)
 
 
 class _Observed(Exception):
@@ -58,12 +57,12 @@ class _Observed(Exception):
 
 
 class PrefixRouter(nn.Module):
-    """Per-task and per-slot statistics of the pooled inputs of the adapted part, the data similarity of a task
-    to each slot, and per-input routes.
+    """Per-task and per-slot means of the pooled inputs of the adapted part, their shared within-task covariance,
+    the data similarity of a task to each slot, and per-input routes.
 
-    Modes (set by the owner, `HAMController`): ``observe`` records the current task's statistics and stops the
-    forward; ``route`` sends each input to its most likely occupied slot; ``fixed`` sends every input to one slot
-    (the slot the current task trains on top of), ``-1`` meaning no slot.
+    Modes (set through `observing` and the hook's ``training`` flag): ``observe`` records the current task's
+    statistics and stops the forward; in training every input goes to the slot the current task trains on top
+    of (``planned``, -1: none); otherwise each input goes to its most likely occupied slot.
     """
 
     def __init__(self, dim: int, max_groups: int) -> None:
@@ -71,19 +70,21 @@ class PrefixRouter(nn.Module):
         self.dim, self.max_groups = dim, max_groups
         f64 = torch.float64
         self.register_buffer("slot_sum", torch.zeros(max_groups, dim, dtype=f64))
-        self.register_buffer("slot_squares", torch.zeros(max_groups, dim, dtype=f64))
         self.register_buffer("slot_count", torch.zeros(max_groups, dtype=f64))
+        self.register_buffer("scatter", torch.zeros(dim, dim, dtype=f64))  # of every committed task, around its mean
+        self.register_buffer("scatter_count", torch.zeros((), dtype=f64))
         self.register_buffer("task_sum", torch.zeros(dim, dtype=f64))
-        self.register_buffer("task_squares", torch.zeros(dim, dtype=f64))
+        self.register_buffer("task_outer", torch.zeros(dim, dim, dtype=f64))
         self.register_buffer("task_count", torch.zeros((), dtype=f64))
-        #: The slot the current task trains on top of and will join (-1: none planned yet).
+        #: The slot the current task trains on top of and will join (-1: none planned).
         self.register_buffer("planned", torch.full((), -1, dtype=torch.long))
         self.mode = "route"
+        self._routing: tuple | None = None  # (key, LDA weight, bias), rebuilt when the statistics change
 
     # -- statistics ---------------------------------------------------------------------------------------------
     def reset_task(self) -> None:
         self.task_sum.zero_()
-        self.task_squares.zero_()
+        self.task_outer.zero_()
         self.task_count.zero_()
         self.planned.fill_(-1)
 
@@ -91,56 +92,74 @@ class PrefixRouter(nn.Module):
     def observe(self, pooled: Tensor) -> None:
         p = pooled.detach().to(torch.float64)
         self.task_sum += p.sum(0)
-        self.task_squares += (p * p).sum(0)
+        self.task_outer += p.T @ p
         self.task_count += p.shape[0]
 
     @property
     def has_task_statistics(self) -> bool:
         return bool(self.task_count > 0)
 
+    def _task_scatter(self) -> Tensor:
+        mean = self.task_sum / self.task_count.clamp_min(1.0)
+        return self.task_outer - self.task_count * torch.outer(mean, mean)
+
+    def precision(self, with_task: bool = False) -> Tensor:
+        """Inverse of the shared within-task covariance (with the current task's scatter if ``with_task``)."""
+        scatter, count = self.scatter, self.scatter_count
+        if with_task and self.has_task_statistics:
+            scatter, count = scatter + self._task_scatter(), count + self.task_count
+        return torch.linalg.inv(shrunk(scatter, count))
+
     def similarities(self, occupied: list[bool]) -> list[float | None]:
         """Data similarity of the current task to every occupied slot (None for free slots)."""
         if not self.has_task_statistics:
             raise RuntimeError("No statistics of the current task: run a pass over its data in observe mode "
                                "(HAMController.observe_task) before asking for data similarities.")
-        mt, vt = gaussian(self.task_sum, self.task_squares, self.task_count)
+        precision = self.precision(with_task=True)
+        task_mean = self.task_sum / self.task_count
         out: list[float | None] = []
         for g, used in enumerate(occupied):
             if not used or self.slot_count[g] <= 0:
                 out.append(None)
                 continue
-            mg, vg = gaussian(self.slot_sum[g], self.slot_squares[g], self.slot_count[g])
-            out.append(bhattacharyya(mt, vt, mg, vg))
+            out.append(bhattacharyya(task_mean, self.slot_sum[g] / self.slot_count[g], precision))
         return out
 
     @torch.no_grad()
     def commit(self, g: int) -> None:
-        """Add the current task's statistics to slot ``g`` (the task joined it)."""
+        """The current task joined slot ``g``: its inputs count in the slot's mean and in the shared covariance."""
+        self.scatter += self._task_scatter()
+        self.scatter_count += self.task_count
         self.slot_sum[g] += self.task_sum
-        self.slot_squares[g] += self.task_squares
         self.slot_count[g] += self.task_count
+        self._routing = None
 
     # -- routes -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def route(self, pooled: Tensor) -> Tensor:
-        """``N`` slot indices: the occupied slot whose Gaussian gives each input the highest likelihood (-1 when
-        no slot is occupied)."""
+        """``N`` slot indices by linear discriminant analysis over the occupied slots (equal priors); -1 when no
+        slot is occupied."""
         n = pooled.shape[0]
         used = torch.nonzero(self.slot_count > 0).flatten()
         if used.numel() == 0:
             return torch.full((n,), -1, dtype=torch.long, device=pooled.device)
-        mean, var = gaussian(self.slot_sum[used], self.slot_squares[used], self.slot_count[used][:, None])
-        p = pooled.detach().to(torch.float64)[:, None, :]
-        loglik = -0.5 * (((p - mean[None]) ** 2) / var[None] + var.log()[None]).sum(-1)
-        return used[loglik.argmax(dim=1)].to(pooled.device)
+        key = (self.scatter._version, self.slot_sum._version, self.scatter.data_ptr())
+        if getattr(self, "_routing", None) is None or self._routing[0] != key:
+            means = self.slot_sum[used] / self.slot_count[used][:, None]
+            weight = means @ self.precision()  # (S, D)
+            bias = -0.5 * (weight * means).sum(1)
+            self._routing = (key, weight, bias)
+        _, weight, bias = self._routing
+        scores = pooled.detach().to(torch.float64) @ weight.T + bias
+        return used[scores.argmax(dim=1)].to(pooled.device)
 
-    def routes_for(self, x: Tensor, training: bool) -> Tensor | None:
+    def routes_for(self, x: Tensor, training: bool) -> Tensor:
         """What the hook hands to the layers for input ``x`` (the adapted block's input)."""
         pooled = pool(x)
         if self.mode == "observe":
             self.observe(pooled)
             raise _Observed
-        if training or self.mode == "fixed":
+        if training:
             return torch.full((x.shape[0],), int(self.planned), dtype=torch.long, device=x.device)
         return self.route(pooled)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.controller import inject
-from ham_lightning.core.routing import PrefixRouter, bhattacharyya, gaussian
+from ham_lightning.core.routing import PrefixRouter, bhattacharyya
 
 
 class Block(nn.Module):
@@ -51,19 +51,26 @@ def run_sequence(config: HAMConfig, domains: list[str]) -> tuple[nn.Module, obje
 
 def test_data_similarity_ranks_same_domain_tasks_above_cross_domain_ones() -> None:
     router = PrefixRouter(8, 4)
-    stats = []
+    means = []
     for t, name in enumerate(["A", "A", "B", "B"]):
+        router.reset_task()
         x = domain(name, 256, seed=t)
-        stats.append(gaussian(x.double().sum(0), (x.double() ** 2).sum(0), torch.tensor(256.0, dtype=torch.float64)))
-    same = [bhattacharyya(*stats[0], *stats[1]), bhattacharyya(*stats[2], *stats[3])]
-    cross = [bhattacharyya(*stats[i], *stats[j]) for i in (0, 1) for j in (2, 3)]
-    assert min(same) > 0.9 > 0.5 > max(cross)
-    assert router.slot_count.sum() == 0
+        router.observe(x)
+        means.append(router.task_sum / router.task_count)
+        router.commit(t)
+    precision = router.precision()
+    same = [bhattacharyya(means[0], means[1], precision), bhattacharyya(means[2], means[3], precision)]
+    cross = [bhattacharyya(means[i], means[j], precision) for i in (0, 1) for j in (2, 3)]
+    assert min(same) > 0.9 and max(cross) < 0.01
+    router.reset_task()
+    router.observe(domain("B", 64, seed=9))
+    sims = router.similarities([True, True, True, True])
+    assert min(sims[2:]) > 0.9 > 0.01 > max(sims[:2])
 
 
 def test_groups_follow_the_domains_and_routing_picks_the_right_group() -> None:
     config = HAMConfig(target_modules=["fc1", "fc2"], adapt_from="blocks.0", routing=True,
-                       similarity_source="data", similarity_threshold=0.5, max_groups=4)
+                       similarity_source="data", similarity_threshold=0.01, max_groups=4)
     net, ham = run_sequence(config, ["A", "B", "A", "B", "A"])
     assert ham.assignments == [0, 1, 0, 1, 0]
     assert [d.opened for d in ham.history] == [True, True, False, False, False]
@@ -90,7 +97,7 @@ def test_groups_follow_the_domains_and_routing_picks_the_right_group() -> None:
 
 def test_training_runs_on_top_of_the_planned_group() -> None:
     config = HAMConfig(target_modules=["fc1", "fc2"], adapt_from="blocks.0", routing=True,
-                       similarity_source="data", similarity_threshold=0.5)
+                       similarity_source="data", similarity_threshold=0.01)
     net, ham = run_sequence(config, ["A", "B"])
     ham.observe_task([domain("B", seed=7)], net)
     assert int(ham.router.planned) == 1
