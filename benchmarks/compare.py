@@ -34,7 +34,11 @@ _BASELINE = ["--model.ham.max_groups=1", "--model.ham.train_importance=false",
 #: ``ridge`` are the training-free anchors: the frozen backbone (no adapters) under a statistics head, one pass.
 METHOD_ARGS: dict[str, list[str]] = {
     "ham": [],
-    **{m: [f"--model.ham.method={m}", *_BASELINE] for m in ("seq_lora", "merge_sum", "merge_average", "merge_ties")},
+    # The paper's HAM: groups by the deltas' cosine, every group's delta on every input (configs that route)
+    "ham_paper": ["--model.ham.routing=false", "--model.ham.similarity_source=weights",
+                  "--model.ham.similarity_threshold=null"],
+    **{m: [f"--model.ham.method={m}", *_BASELINE]
+       for m in ("seq_lora", "merge_sum", "merge_average", "merge_ties", "first_session")},
     "ncm": ["--model.adapt=false", "--model.head=ncm", "--data.epochs_per_task=1"],
     "ridge": ["--model.adapt=false", "--model.head=ridge", "--data.epochs_per_task=1"],
     "joint": ["--model.ham.method=seq_lora", *_BASELINE, "--data.num_tasks=1"],

@@ -12,8 +12,8 @@ AdapterInit = Literal["shared", "per_task"]
 SimilaritySource = Literal["weights", "data"]
 #: What happens at a task boundary: HAM's hierarchical merge, or one of the baselines (docs/results.md). These
 #: are the built-in merge rules; `ham_lightning.core.merge_rules.register_merge_rule` adds more.
-Method = Literal["ham", "seq_lora", "merge_sum", "merge_average", "merge_ties"]
-METHODS: tuple[str, ...] = ("ham", "seq_lora", "merge_sum", "merge_average", "merge_ties")
+Method = Literal["ham", "seq_lora", "merge_sum", "merge_average", "merge_ties", "first_session"]
+METHODS: tuple[str, ...] = ("ham", "seq_lora", "merge_sum", "merge_average", "merge_ties", "first_session")
 
 #: ViT-B/16 targets of the authors' related code (LoRA on attention qkv and the MLP).
 DEFAULT_TARGETS: tuple[str, ...] = ("qkv", "fc1", "fc2")

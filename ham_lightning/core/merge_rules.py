@@ -292,6 +292,19 @@ class MergeSum(SlotMerge):
         return (*merge_sum(E, D, controller.layers[name].group_rank), 0.0, 0.0)
 
 
+@register_merge_rule("first_session")
+class FirstSession(SlotMerge):
+    """``first_session`` (RanPAC / APER style): the first task's adapter is kept (slot 0) and every later task's
+    is discarded, so the backbone stays as adapted on the first task and the statistics head learns the rest.
+    Later tasks still run their epochs (the boundary discards them); only their head statistics count."""
+
+    def merge_layer(self, controller: HAMController, name: str, E: algebra.Factors, D: algebra.Factors,
+                    task: int) -> tuple[Tensor, Tensor, float, float]:
+        if task == 0:
+            return (*merge_sum(E, D, controller.layers[name].group_rank), 0.0, 0.0)
+        return E[0].clone(), E[1].clone(), 0.0, float(algebra.norm_sq(*D))
+
+
 @register_merge_rule("merge_average")
 class MergeAverage(SlotMerge):
     """``merge_average``: ``E <- (k E + D_t) / (k + 1)``, the mean of the task deltas."""

@@ -51,6 +51,18 @@ def test_sum_and_average_of_task_deltas(method: str) -> None:
     assert ctl.assignments == [0, 0, 0] and ctl.history[0].opened and not ctl.history[1].opened
 
 
+def test_first_session_keeps_the_first_task_only() -> None:
+    ctl = tiny("first_session")
+    first = train_fake(ctl, 0)
+    ctl.end_task()
+    for t in (1, 2):
+        train_fake(ctl, t)
+        ctl.end_task()
+    for name in ctl.layers:
+        torch.testing.assert_close(slot(ctl, name), first[name], rtol=1e-5, atol=1e-6)
+    assert [d.kept_fraction for d in ctl.history] == [1.0, 0.0, 0.0]
+
+
 def test_merge_sum_caps_the_rank_by_svd() -> None:
     ctl = tiny("merge_sum", group_rank=2)
     deltas = [train_fake(ctl, 0)]
