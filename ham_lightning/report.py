@@ -93,6 +93,8 @@ def summary_lines(results: Results) -> list[str]:
         shown = " ".join(str(g) for g in assignment[:MAX_ANNOTATED_TASKS])
         more = " ..." if len(assignment) > MAX_ANNOTATED_TASKS else ""
         lines.append(f"groups used {used} of {groups.get('max_groups', '?')} (task -> group: {shown}{more})")
+        if groups.get("domain_ari") is not None:
+            lines.append(f"groups against the task domains: adjusted Rand index {groups['domain_ari']:.2f}")
     tasks = results.get("tasks") or []
     total = _total_time(tasks)
     peak = _max_or_none(t.get("peak_memory_mb") for t in tasks)

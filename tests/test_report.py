@@ -182,3 +182,17 @@ def test_report_module_is_lightning_free() -> None:
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any(name.split(".")[0] in {"lightning", "pytorch_lightning", "torch"} for name in imported)
     assert "matplotlib.pyplot" not in imported
+
+
+def test_domains_figure_counts_each_domains_tasks_per_group(tmp_path: Path) -> None:
+    results = make_results(6, max_groups=3)
+    results["groups"]["assignment"] = [0, 1, 0, 2, 1, 0]
+    results["task_domains"] = ["signs", "fonts", "signs", "photos", "fonts", "signs"]
+    results["groups"]["domain_ari"] = 1.0
+    names, counts = report.domain_group_counts(results["task_domains"], results["groups"]["assignment"])
+    assert names == ["signs", "fonts", "photos"]
+    assert counts.tolist() == [[3, 0, 0], [0, 2, 0], [0, 0, 1]]
+    assert "domains_groups" in figures(results)
+    paths = write_report(results, tmp_path)
+    check_png(paths["domains_groups"])
+    assert "adjusted Rand index 1.00" in "\n".join(summary_lines(results))

@@ -65,6 +65,12 @@ class RunResults(Callback):
         domains = getattr(trainer.datamodule, "task_domains", None)
         if domains is not None:  # a mixed-domain scenario: the source of every task
             results["task_domains"] = list(domains)
+            assignment = (results.get("groups") or {}).get("assignment")
+            if assignment and len(assignment) == len(domains) > 1:
+                from sklearn.metrics import adjusted_rand_score
+
+                # 1: the groups are exactly the domains; ~0: no relation (chance)
+                results["groups"]["domain_ari"] = float(adjusted_rand_score(domains, assignment))
         results["fit_wall_time_s"] = time.perf_counter() - self._start if self._start else None
         self._write(trainer, results)
 
