@@ -128,8 +128,8 @@ def _log_to_wandb(logger: WandbLogger, results: dict[str, Any], files: dict[str,
         if path.suffix == ".png":  # one key per plot: W&B wants images of one key to share a size
             logger.log_image(f"plots/{name}", images=[str(path)])
     matrix = results["accuracy_matrix"]
-    columns = ["after_task"] + [f"task_{j}" for j in range(len(matrix))]
-    logger.log_table("accuracy_matrix", columns=columns, data=[[i, *row] for i, row in enumerate(matrix)])
+    columns = ["after_task"] + [f"task_{j + 1}" for j in range(len(matrix))]  # 1-based, as the report's
+    logger.log_table("accuracy_matrix", columns=columns, data=[[i + 1, *row] for i, row in enumerate(matrix)])
     summary = logger.experiment.summary
     for key in ("last_accuracy", "average_incremental_accuracy", "forgetting", "bwt"):
         summary[key] = results[key]
@@ -274,19 +274,30 @@ def compare_runs(paths: list[str | Path], out: str | Path | None = None) -> dict
 
 
 def _comparison_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    comparison_figure(rows).savefig(path, dpi=120, facecolor="white")
+    return path
+
+
+def comparison_figure(rows: list[dict[str, Any]]) -> Any:
     """Accuracy on seen classes after each task, one labelled line per run (matplotlib's Agg canvas, no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8.0, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
+    from matplotlib.ticker import MaxNLocator
+
     ax = fig.subplots()
     for r in rows:
         acc = r["incremental_accuracy"]
         ax.plot(range(1, len(acc) + 1), acc, marker="o", ms=3, label=f"{r['run']} ({r['method']})")
-    ax.set(xlabel="tasks learned", ylabel="accuracy on seen classes (%)", ylim=(0, 100),
+    values = [float(v) for r in rows for v in r["incremental_accuracy"] if v is not None]
+    if values:  # fitted to the runs: their differences are often a point or two
+        margin = max(0.08 * (max(values) - min(values)), 1.0)
+        ax.set_ylim(max(0.0, min(values) - margin), min(100.0, max(values) + margin))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # tasks are whole: 1, 2, ... (as the run reports)
+    ax.set(xlabel="after training task", ylabel="accuracy on seen classes (%)",
            title="Accuracy after each task: " + ", ".join(sorted({str(r["dataset"]) for r in rows})))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120, facecolor="white")
-    return path
+    return fig
