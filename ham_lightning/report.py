@@ -30,7 +30,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-__all__ = ["DPI", "MAX_ANNOTATED_TASKS", "figures", "summary_lines", "write_report"]
+__all__ = ["DPI", "MAX_ANNOTATED_TASKS", "figures", "summary_lines", "wall_time", "write_report"]
 
 #: Resolution of the saved PNGs.
 DPI = 120
@@ -100,11 +100,19 @@ def summary_lines(results: Results) -> list[str]:
         if groups.get("domain_ari") is not None:
             lines.append(f"groups against the task domains: adjusted Rand index {groups['domain_ari']:.2f}")
     tasks = results.get("tasks") or []
-    total = _total_time(tasks)
+    total = wall_time(results)
     peak = _max_or_none(t.get("peak_memory_mb") for t in tasks)
     if total is not None or peak is not None:
         lines.append(f"wall time {_duration(total)} | peak memory {_mb(peak)}")
     return lines
+
+
+def wall_time(results: Results) -> float | None:
+    """The run's wall time, one definition for the summary, the report and ``compare``: the whole fit
+    (``fit_wall_time_s``: training, boundaries, evaluation; every process of a resumed run added up), else the
+    sum of the tasks' times (results written by the Python API without it)."""
+    fit = results.get("fit_wall_time_s")
+    return float(fit) if fit is not None else _total_time(results.get("tasks") or [])
 
 
 # ---------------------------------------------------------------------------------------------------- data access
@@ -504,8 +512,8 @@ def _markdown(results: Results, images: Mapping[str, str]) -> str:
     if groups:
         assignment = groups.get("assignment") or []
         summary.append(("Groups used", f"{len(set(assignment))} of {groups.get('max_groups', '?')}"))
-    if _total_time(tasks) is not None:
-        summary.append(("Total wall time", _duration(_total_time(tasks))))
+    if wall_time(results) is not None:
+        summary.append(("Total wall time", _duration(wall_time(results))))
     peak = _max_or_none(t.get("peak_memory_mb") for t in tasks)
     if peak is not None:
         summary.append(("Peak memory", _mb(peak)))

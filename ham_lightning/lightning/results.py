@@ -2,6 +2,7 @@
 
 * `RunResults` (a callback): at the end of a sequence, write ``results.json``, the report and plots, and log them;
 * `TaskLines` (a callback): one line per finished task with its accuracy on the classes seen so far;
+* `TestResults` (a callback): ``test``'s per-task and seen-classes accuracy, printed and in ``test_results.json``;
 * `compare_runs`: a table and a plot from the ``results.json`` of finished runs (``ham-lightning compare``).
 """
 
@@ -41,7 +42,22 @@ class RunResults(Callback):
                  run: dict[str, Any] | None = None, write_report: bool = True) -> None:
         self.dirpath, self.config, self.run, self.write_report = dirpath, config, run, write_report
         self._start: float | None = None
+        self._before = 0.0  # wall time of the earlier processes of a resumed run (from the checkpoint)
         self.path: Path | None = None
+
+    def elapsed(self) -> float | None:
+        """Seconds of fit so far, every process of a resumed run added up (`fit_wall_time_s`)."""
+        if self._start is None:
+            return None
+        return self._before + time.perf_counter() - self._start
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"fit_wall_time_s": self.elapsed() or self._before}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._before = float(state_dict.get("fit_wall_time_s") or 0.0)
 
     def run_dir(self, trainer: Trainer) -> Path:
         return Path(self.dirpath or trainer.default_root_dir)
@@ -71,7 +87,7 @@ class RunResults(Callback):
 
                 # 1: the groups are exactly the domains; ~0: no relation (chance)
                 results["groups"]["domain_ari"] = float(adjusted_rand_score(domains, assignment))
-        results["fit_wall_time_s"] = time.perf_counter() - self._start if self._start else None
+        results["fit_wall_time_s"] = self.elapsed()
         self._write(trainer, results)
 
     @override
@@ -200,6 +216,48 @@ def task_line(task: int, num_tasks: int | None, row: list[tuple[int, int]], reco
             f"(per task: {per_task}){timing}")
 
 
+class TestResults(Callback):
+    """``test``'s results as ``fit`` shows them: accuracy in percent on the classes seen (all test images of the
+    tasks evaluated) and per task, printed and written to ``<dirpath>/test_results.json``.
+
+    Reads the per-task accuracies `HAMModule` logs (``test/acc``, one value per task's loader) and the loaders'
+    sizes, so the seen-classes figure weighs every image once, as `ContinualEvaluation` does."""
+
+    def __init__(self, dirpath: str, run: dict[str, Any] | None = None) -> None:
+        self.dirpath, self.run = Path(dirpath), run
+        self.path: Path | None = None
+        self.results: dict[str, Any] | None = None
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loaders = trainer.test_dataloaders
+        loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+        metrics = trainer.callback_metrics
+        rows: list[tuple[int, int]] = []
+        for j, loader in enumerate(loaders):
+            value = metrics.get(f"test/acc_task_{j}", metrics.get(f"test/acc/dataloader_idx_{j}"))
+            if value is None and len(loaders) == 1:
+                value = metrics.get("test/acc")
+            size = len(loader.dataset) if hasattr(loader, "dataset") else 0
+            rows.append((round(float(value) * size) if value is not None else 0, size))
+        correct, total = sum(c for c, _ in rows), sum(n for _, n in rows)
+        self.results = {
+            "accuracy_seen": 100.0 * correct / max(1, total),
+            "accuracy_per_task": [100.0 * c / n if n else None for c, n in rows],
+            "counts": [list(r) for r in rows],
+            "num_tasks_evaluated": len(rows),
+            "run": self.run,
+        }
+        if not trainer.is_global_zero:
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        self.path = self.dirpath / "test_results.json"
+        self.path.write_text(json.dumps(_jsonable(self.results), indent=2))
+        per_task = " ".join(f"{100.0 * c / n:.1f}" if n else "-" for c, n in rows)
+        rank_zero_info(f"test of {len(rows)} task{'s' if len(rows) != 1 else ''}: accuracy on seen classes "
+                       f"{self.results['accuracy_seen']:.2f}% (per task: {per_task})\nResults: {self.path}")
+
+
 def _continual(trainer: Trainer) -> ContinualEvaluation | None:
     return next((c for c in trainer.callbacks if isinstance(c, ContinualEvaluation)), None)  # type: ignore[attr-defined]
 
@@ -220,11 +278,10 @@ def load_run(path: str | Path) -> dict[str, Any]:
 
 def comparison_row(results: dict[str, Any]) -> dict[str, Any]:
     """The numbers of one run in a comparison table."""
+    from ham_lightning.report import wall_time
+
     run = results.get("run") or {}
-    tasks = results.get("tasks") or []
-    wall = results.get("fit_wall_time_s")
-    if wall is None:
-        wall = sum(t.get("wall_time_s") or 0.0 for t in tasks) or None
+    wall = wall_time(results)
     return {
         "run": run.get("run_name") or Path(run.get("run_dir", "?")).name,
         "method": results.get("method"),
