@@ -43,7 +43,8 @@ def _fixture(dataset: str, tmp: Path) -> str | None:
         classes = [f"{k + 1:03d}.Bird_{k}" for k in range(20)]
         return str(layouts.make_cub(tmp, per_class=2, classes=classes))
     if dataset == "imagenet_r":
-        layouts.make_class_folders(tmp / "imagenet-r", [f"n{20000000 + k:08d}" for k in range(20)], per_class=5)
+        # 40 classes: two a task at 20 tasks (a single-class task would be warned about)
+        layouts.make_class_folders(tmp / "imagenet-r", [f"n{20000000 + k:08d}" for k in range(40)], per_class=5)
         return str(tmp / "imagenet-r")
     raise AssertionError(f"no fixture for {dataset}: add one when shipping its config")
 
