@@ -215,10 +215,12 @@ def test_ham_killed_by_every_signal_mid_task_and_at_a_boundary_resumes_bit_for_b
     assert status == -signal.SIGKILL
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 3
 
+    earlier = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["RunResults"]
     monkeypatch.chdir(tmp_path)
     cli(["fit", *_resume_args(run)])
     cli(["fit", "--config", str(config), "--run_name=reference"])
     results = json.loads((run / "results.json").read_text())
+    assert results["fit_wall_time_s"] > earlier["fit_wall_time_s"] > 0  # the earlier processes' time added
     assert len(results["groups"]["assignment"]) == 3 and not results["groups"]["opened"][2]  # a slot reused
     _assert_same_run(run, tmp_path / "runs" / "reference")
 
