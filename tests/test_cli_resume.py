@@ -204,6 +204,7 @@ def test_ham_killed_by_every_signal_mid_task_and_at_a_boundary_resumes_bit_for_b
                                        flag, signal.SIGTERM)
     assert status == 143, output[-3000:]
     assert "SIGTERM" in output and not (run / "results.json").exists()
+    assert "up to the end of epoch 4, 2 tasks finished" in output  # counted from 1 (Lightning's epoch 3)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 3
     assert len(next(v for k, v in ckpt["callbacks"].items() if "HierarchicalMergeCallback" in k)["rows"]) == 2
