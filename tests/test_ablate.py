@@ -50,14 +50,21 @@ def test_a_failing_variant_is_named_and_the_table_still_written(tmp_path: Path, 
 
 
 def test_every_variant_override_is_accepted_by_the_cli() -> None:
-    """The shipped variants' overrides are valid settings (protect_off once passed null, which the parser refused)."""
+    """The shipped variants' ``--model.ham.*`` overrides are valid settings, read as the CLI reads a value (YAML):
+    protect_off once passed null, which the CLI refused."""
+    import yaml
+
     from ham_lightning.core.config import HAMConfig
 
     ablate = _load("ablate")
-    for _, overrides in ablate.ABLATIONS.values():
-        ham = {o.split("=")[0].removeprefix("--model.ham."): o.split("=", 1)[1] for o in overrides
-               if o.startswith("--model.ham.")}
-        typed = {k: (float(v) if k in ("protect_inputs", "density") else int(v.replace("{T}", "10"))
-                     if k in ("max_groups", "group_rank") else v) for k, v in ham.items()}
-        typed = {k: (v == "true") if v in ("true", "false") else v for k, v in typed.items()}
-        HAMConfig(**typed)
+    # On top of the config ablate.py runs by default (its --config), as the CLI applies them.
+    default = yaml.safe_load((ROOT / "configs" / "tiny_imagenet_lite0_cpu.yaml").read_text())["model"]["ham"]
+    for variant, (_, overrides) in ablate.ABLATIONS.items():
+        ham = dict(default)
+        ham.update({o.split("=", 1)[0].removeprefix("--model.ham."):
+                    yaml.safe_load(o.split("=", 1)[1].replace("{T}", "10"))
+                    for o in overrides if o.startswith("--model.ham.")})
+        try:
+            HAMConfig(**ham)
+        except (TypeError, ValueError) as err:
+            raise AssertionError(f"variant {variant}: {ham} is refused: {err}") from err
