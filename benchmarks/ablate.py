@@ -49,7 +49,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "group_rank_64": ("ham", ["--model.ham.group_rank=64"]),
     "group_scalars_off": ("ham", ["--model.ham.train_group_scalars=false"]),
     "scalars_off": ("ham", ["--model.ham.train_importance=false", "--model.ham.train_group_scalars=false"]),
-    "protect_off": ("ham", ["--model.ham.protect_inputs=null"]),
+    "protect_off": ("ham", ["--model.ham.protect_inputs=0"]),  # 0 disables it (null is not a fraction)
     "protect_0.9": ("ham", ["--model.ham.protect_inputs=0.9"]),
     "protect_0.99": ("ham", ["--model.ham.protect_inputs=0.99"]),
     "head_mask_seen": ("ham", ["--model.head_mask=seen"]),
@@ -72,7 +72,7 @@ def ablate(variants: Sequence[str], config: str, num_tasks: int, out: Path, vali
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = runs_dir or Path("runs") / "ablate" / out.name
     held_out = [f"--data.validation_fraction={validation}"] if validation else []
-    rows = []
+    rows, failed = [], {}
     for variant in variants:
         path = out / f"{variant}.json"
         if path.exists():
@@ -83,8 +83,10 @@ def ablate(variants: Sequence[str], config: str, num_tasks: int, out: Path, vali
             print(f"[ablate] {variant}: {method} {' '.join(args)}", flush=True)
             try:
                 results = run_method(method, num_tasks, config, args, runs_dir / variant, group=f"ablate-{out.name}")
-            except Exception as err:  # one broken variant must not stop the others; it is named at the end
-                print(f"[ablate] {variant} FAILED: {type(err).__name__}: {err}", flush=True)
+            except (Exception, SystemExit) as err:  # SystemExit: the CLI's parser refused an override
+                # One broken variant must not stop the others: it is named in the table and at the end.
+                failed[variant] = f"{type(err).__name__}: {err}"
+                print(f"[ablate] {variant} FAILED: {failed[variant]}", flush=True)
                 continue
             results["variant"] = variant
             path.write_text(json.dumps(results, indent=2))
@@ -95,15 +97,19 @@ def ablate(variants: Sequence[str], config: str, num_tasks: int, out: Path, vali
     every = sorted(out.glob("*.json"))
     table = [summary_row(json.loads(p.read_text())) | {"variant": p.stem} for p in every if p.stem != "ablations"]
     (out / "ablations.json").write_text(json.dumps(
-        {"config": config, "num_tasks": num_tasks, "validation_fraction": validation, "rows": table}, indent=2))
+        {"config": config, "num_tasks": num_tasks, "validation_fraction": validation, "rows": table,
+         "failed": failed}, indent=2))
     from ham_lightning.report import markdown_table
 
     lines = markdown_table(["variant", "last acc", "avg inc acc", "forgetting", "wall (s)"], [
         [r["variant"], f"{r['last_accuracy']:.2f}", f"{r['average_incremental_accuracy']:.2f}",
-         f"{r['forgetting']:.2f}", f"{r['wall_time_s']:.0f}"] for r in table])
+         f"{r['forgetting']:.2f}", f"{r['wall_time_s']:.0f}"] for r in table]
+        + [[variant, "failed", "-", "-", "-"] for variant in failed])
     held = f"validation_fraction {validation} of the training images" if validation else "the test split"
     (out / "ablations.md").write_text(f"# Ablations: `{config}`, {num_tasks} tasks, evaluated on {held}\n\n"
                                       + "\n".join(lines) + "\n")
+    if failed:
+        print(f"[ablate] failed: {', '.join(f'{v} ({e})' for v, e in failed.items())}", flush=True)
     return rows
 
 

@@ -6,6 +6,10 @@ never changes the user's backend, figures are not registered with pyplot so none
 * `figures` builds the plots (accuracy matrix, accuracy over tasks, HAM group assignment when present);
 * `write_report` saves them as PNGs next to a ``report.md`` and returns the paths;
 * `summary_lines` is the few lines a CLI prints at the end of a run.
+
+Tasks are numbered from 1 wherever a person reads them (ticks, legends, tables), as the CLI's task lines do;
+``results.json`` keeps 0-based indices (``assignment[i]`` is task ``i + 1``'s group slot). Colour scales are
+fitted to the values shown, and every value is also written in its cell up to `MAX_ANNOTATED_TASKS` tasks.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-__all__ = ["DPI", "MAX_ANNOTATED_TASKS", "figures", "summary_lines", "write_report"]
+__all__ = ["DPI", "MAX_ANNOTATED_TASKS", "figures", "summary_lines", "wall_time", "write_report"]
 
 #: Resolution of the saved PNGs.
 DPI = 120
@@ -96,11 +100,19 @@ def summary_lines(results: Results) -> list[str]:
         if groups.get("domain_ari") is not None:
             lines.append(f"groups against the task domains: adjusted Rand index {groups['domain_ari']:.2f}")
     tasks = results.get("tasks") or []
-    total = _total_time(tasks)
+    total = wall_time(results)
     peak = _max_or_none(t.get("peak_memory_mb") for t in tasks)
     if total is not None or peak is not None:
         lines.append(f"wall time {_duration(total)} | peak memory {_mb(peak)}")
     return lines
+
+
+def wall_time(results: Results) -> float | None:
+    """The run's wall time, one definition for the summary, the report and ``compare``: the whole fit
+    (``fit_wall_time_s``: training, boundaries, evaluation; every process of a resumed run added up), else the
+    sum of the tasks' times (results written by the Python API without it)."""
+    fit = results.get("fit_wall_time_s")
+    return float(fit) if fit is not None else _total_time(results.get("tasks") or [])
 
 
 # ---------------------------------------------------------------------------------------------------- data access
@@ -206,22 +218,48 @@ def _cmap(name: str) -> Colormap:
 
 
 def _task_ticks(ax: Axes, n: int, axis: str) -> None:
-    """Integer task ticks: every task up to MAX_ANNOTATED_TASKS, else a few round numbers."""
+    """Integer task ticks numbered from 1 (data position ``i`` is task ``i + 1``): every task up to
+    MAX_ANNOTATED_TASKS, else a few round numbers."""
     target = ax.xaxis if axis == "x" else ax.yaxis
     if n <= MAX_ANNOTATED_TASKS:
         target.set_ticks(range(n))
     else:
         target.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{int(round(v)) + 1}"))
+
+
+def _fitted_range(values: np.ndarray, floor: float | None = None, ceiling: float | None = None,
+                  pad: float = 0.05, least: float = 1.0) -> tuple[float, float]:
+    """Limits that fit the finite ``values`` with ``pad`` of their span on each side (at least ``least`` wide),
+    clipped to ``[floor, ceiling]``: differences of a point or two stay visible."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return (floor if floor is not None else 0.0), (ceiling if ceiling is not None else 1.0)
+    lo, hi = float(finite.min()), float(finite.max())
+    margin = max(pad * (hi - lo), (least - (hi - lo)) / 2, 0.0)
+    lo, hi = lo - margin, hi + margin
+    return (max(lo, floor) if floor is not None else lo), (min(hi, ceiling) if ceiling is not None else hi)
+
+
+def _cell_format(v: float, scale: float) -> str:
+    """A cell's number: 2 decimals, or 2 significant digits when every value is below 0.05 (similarities of
+    near-orthogonal adapters); never ``-0.00``."""
+    text = format(v, ".2f") if scale >= 0.05 else format(v, ".1e")
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def _annotate(ax: Axes, data: np.ndarray, cmap: Colormap, vmin: float, vmax: float, fmt: str, size: float) -> None:
-    """Write each finite cell's value, dark or light depending on the cell colour."""
+    """Write each finite cell's value, dark or light depending on the cell colour (``fmt="cell"``: `_cell_format`
+    on the largest magnitude)."""
+    finite = data[np.isfinite(data)]
+    scale = float(np.abs(finite).max()) if finite.size else 0.0
     for (i, j), v in np.ndenumerate(data):
         if not np.isfinite(v):
             continue
-        r, g, b, _ = cmap((v - vmin) / (vmax - vmin) if vmax > vmin else 0.5)
+        r, g, b, _ = cmap(min(max((v - vmin) / (vmax - vmin), 0.0), 1.0) if vmax > vmin else 0.5)
         light = 0.299 * r + 0.587 * g + 0.114 * b > 0.55
-        ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=size, color="black" if light else "white")
+        text = _cell_format(v, scale) if fmt == "cell" else format(v, fmt)
+        ax.text(j, i, text, ha="center", va="center", fontsize=size, color="black" if light else "white")
 
 
 def _empty(ax: Axes, message: str) -> None:
@@ -249,13 +287,14 @@ def _accuracy_matrix_figure(results: Results) -> Figure:
         _empty(ax, "no task evaluated")
         return fig
     cmap = _cmap(_ACC_CMAP)
-    image = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=100.0, interpolation="nearest", aspect="equal")
+    vmin, vmax = _fitted_range(data, 0.0, 100.0, pad=0.0)
+    image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="equal")
     if n <= MAX_ANNOTATED_TASKS:
-        _annotate(ax, data, cmap, 0.0, 100.0, ".1f", size=max(5.0, 10.0 - 0.25 * n))
+        _annotate(ax, data, cmap, vmin, vmax, ".1f", size=max(5.0, 10.0 - 0.25 * n))
     _task_ticks(ax, n, "x")
     _task_ticks(ax, n, "y")
-    ax.set_xlabel("evaluated on task j")
-    ax.set_ylabel("after training task i")
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("after training task")
     ax.set_title(
         f"last {_pct(results.get('last_accuracy'))} · avg incremental "
         f"{_pct(results.get('average_incremental_accuracy'))} · forgetting {_pp(results.get('forgetting'))} · "
@@ -284,20 +323,22 @@ def _accuracy_over_tasks_figure(results: Results) -> Figure:
     distinct = n <= 10
     cmap = matplotlib.colormaps["tab10" if distinct else "turbo"]
     handles: list[Line2D] = []
+    marker = "o" if n <= 30 else "."  # every line has markers: a task learned last is a single point
     for j in range(data.shape[1]):
         col = data[j:, j]
         if np.isfinite(col).any():
             color = cmap(j) if distinct else cmap(0.1 + 0.8 * j / max(1, n - 1))
             (task_line,) = left.plot(steps[j:j + len(col)], col, color=color, lw=1.4 if distinct else 1.0,
-                                     alpha=0.85 if distinct else 0.4, zorder=1, label=f"task {j}")
+                                     marker=marker, ms=3.5 if distinct else 2.0,
+                                     alpha=0.85 if distinct else 0.4, zorder=1, label=f"task {j + 1}")
             if distinct:
                 handles.append(task_line)
     if not distinct:
-        handles.append(Line2D([], [], color=cmap(0.5), lw=1.0, alpha=0.6,
-                              label=f"tasks 0-{n - 1} (blue: first, red: last), from when learned"))
+        handles.append(Line2D([], [], color=cmap(0.5), lw=1.0, alpha=0.6, marker=".",
+                              label=f"tasks 1-{n} (blue: first, red: last), from when learned"))
     if seen:
-        (line,) = left.plot(steps[: len(seen)], seen, color="black", lw=2.4, marker="o" if n <= 30 else None,
-                            ms=4, label="all seen classes", zorder=3)
+        (line,) = left.plot(steps[: len(seen)], seen, color="black", lw=2.4, marker=marker,
+                            ms=5 if n <= 30 else 3, label="all seen classes", zorder=3)
         handles.insert(0, line)
         avg = results.get("average_incremental_accuracy")
         if avg is not None:
@@ -305,25 +346,29 @@ def _accuracy_over_tasks_figure(results: Results) -> Figure:
                                         label=f"average incremental ({float(avg):.1f}%)"))
         left.annotate(f"{seen[-1]:.1f}%", (len(seen) - 1, seen[-1]), xytext=(6, 6), textcoords="offset points",
                       fontsize=9, fontweight="bold")
+    shown = np.concatenate([data.ravel(), np.asarray(seen, dtype=float)])
+    low, high = _fitted_range(shown, 0.0, 100.0, pad=0.08, least=5.0)
     left.set_xlim(-0.5, n - 0.5)
-    left.set_ylim(0, 102)
+    left.set_ylim(low, high + 0.12 * (high - low))  # headroom for the last value's label
     _task_ticks(left, n, "x")
     left.set_xlabel("after training task")
     left.set_ylabel("accuracy (%)")
     left.set_title("accuracy on seen classes", fontsize=10)
     left.grid(alpha=0.3)
-    left.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.9)
+    left.legend(handles=handles, loc="best", fontsize=8, framealpha=0.9)
 
+    # Each task's accuracy just after it was learned and at the end, joined: the drop is its forgetting. Points
+    # on an axis fitted to them (bars would have to start at 0 and hide a point's difference).
     diag = np.array([data[j, j] if j < data.shape[0] else np.nan for j in range(data.shape[1])])
     final = data[-1, :] if data.size else np.array([])
     tasks = np.arange(len(diag))
-    width = 0.4 if len(diag) <= MAX_ANNOTATED_TASKS else 0.45
-    right.bar(tasks - width / 2, diag, width, color="#4c72b0", label="just after learning it")
-    right.bar(tasks + width / 2, final, width, color="#dd8452", label="after the last task")
+    right.vlines(tasks, np.fmin(diag, final), np.fmax(diag, final), color="gray", lw=1.2, zorder=1)
+    right.plot(tasks, diag, ls="", marker="o", ms=6, color="#4c72b0", label="just after learning it", zorder=2)
+    right.plot(tasks, final, ls="", marker="s", ms=5, color="#dd8452", label="after the last task", zorder=3)
+    low, high = _fitted_range(np.concatenate([diag, final]), 0.0, 100.0, pad=0.1, least=5.0)
     right.set_xlim(-0.7, max(len(diag), 1) - 0.3)
-    right.set_ylim(0, 118)  # headroom for the legend above the bars
+    right.set_ylim(low, high + 0.15 * (high - low))  # headroom for the legend
     _task_ticks(right, len(diag), "x")
-    right.set_yticks(range(0, 101, 20))
     right.set_xlabel("task")
     right.set_ylabel("accuracy on the task (%)")
     right.set_title(f"per-task accuracy (forgetting {_pp(results.get('forgetting'))})", fontsize=10)
@@ -378,20 +423,24 @@ def _groups_figure(results: Results) -> Figure:
 
     sims = _as_array(sims_rows, width=slots)
     finite = sims[np.isfinite(sims)]
-    vmin = -1.0 if finite.size == 0 or finite.min() < 0 else 0.0
+    # Fitted to the values: cosines of near-orthogonal adapters are ~1e-3, white on a fixed [-1, 1] scale.
+    # Diverging and centred on 0 when any is negative, sequential from 0 otherwise.
+    reach = float(np.abs(finite).max()) if finite.size else 1.0
+    reach = reach if reach > 0 else 1.0
+    vmin, vmax = (-reach, reach) if finite.size and finite.min() < 0 else (0.0, reach)
     cmap = _cmap(_SIM_CMAP if vmin < 0 else "Blues")
-    image = right.imshow(sims, cmap=cmap, vmin=vmin, vmax=1.0, interpolation="nearest", aspect="auto")
+    image = right.imshow(sims, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="auto")
     if n <= MAX_ANNOTATED_TASKS and slots <= 12:
-        _annotate(right, sims, cmap, vmin, 1.0, ".2f", size=max(5.0, 9.0 - 0.15 * n))
-    for t, g in enumerate(assignment[: sims.shape[0]]):
-        right.add_patch(Rectangle((g - 0.5, t - 0.5), 1, 1, fill=False, lw=1.6,
-                                                     ec="black" if not opened[t] else "#c44e52"))
+        _annotate(right, sims, cmap, vmin, vmax, "cell", size=max(5.0, 9.0 - 0.15 * n))
+    for t, g in enumerate(assignment[: sims.shape[0]]):  # inset boxes: neighbouring boxes stay apart
+        right.add_patch(Rectangle((g - 0.42, t - 0.42), 0.84, 0.84, fill=False, lw=1.6,
+                                  ec="black" if not opened[t] else "#c44e52"))
     _task_ticks(right, sims.shape[0], "y")
     right.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(slots, 20)))
     right.set_xlabel("group slot")
     right.set_ylabel("task")
-    right.set_title("cosine similarity with each slot before the merge\n(box: joined slot, red: opened; "
-                    "grey: empty slot)", fontsize=10)
+    right.set_title("cosine similarity with each slot before the merge\n(box: joined slot, red: opened "
+                    "(empty before); grey: empty slot)", fontsize=10)
     fig.colorbar(image, ax=right, shrink=0.85, label="cosine similarity")
     return fig
 
@@ -463,8 +512,8 @@ def _markdown(results: Results, images: Mapping[str, str]) -> str:
     if groups:
         assignment = groups.get("assignment") or []
         summary.append(("Groups used", f"{len(set(assignment))} of {groups.get('max_groups', '?')}"))
-    if _total_time(tasks) is not None:
-        summary.append(("Total wall time", _duration(_total_time(tasks))))
+    if wall_time(results) is not None:
+        summary.append(("Total wall time", _duration(wall_time(results))))
     peak = _max_or_none(t.get("peak_memory_mb") for t in tasks)
     if peak is not None:
         summary.append(("Peak memory", _mb(peak)))
@@ -485,16 +534,16 @@ def _markdown(results: Results, images: Mapping[str, str]) -> str:
         n = len(matrix)
         md += ["## Accuracy matrix (%)", "",
                "Row i: after training task i; column j: accuracy on task j's test set; last column: all seen "
-               "classes.", ""]
+               "classes. Tasks are numbered from 1.", ""]
         seen = _seen_accuracy(results)
-        header = ["after task", *[str(j) for j in range(n)], "seen"]
-        rows = [[i, *[_num(v) if v is not None else "" for v in row], _num(seen[i]) if i < len(seen) else "–"]
+        header = ["after task", *[str(j + 1) for j in range(n)], "seen"]
+        rows = [[i + 1, *[_num(v) if v is not None else "" for v in row], _num(seen[i]) if i < len(seen) else "–"]
                 for i, row in enumerate(matrix)]
         md += [*markdown_table(header, rows), ""]
 
     if tasks:
         md += ["## Per task", ""]
-        rows = [[t.get("task", i), _num(t.get("accuracy_seen")), _duration(t.get("wall_time_s")),
+        rows = [[int(t.get("task", i)) + 1, _num(t.get("accuracy_seen")), _duration(t.get("wall_time_s")),
                  _mb(t.get("peak_memory_mb"))] for i, t in enumerate(tasks)]
         md += [*markdown_table(["Task", "Accuracy on seen classes (%)", "Wall time", "Peak memory"], rows), ""]
 
@@ -530,7 +579,7 @@ def _groups_markdown(groups: Mapping[str, Any]) -> list[str]:
         opened = at("opened", i)
         ranks = at("group_ranks", i)
         rows.append([
-            i, g, "yes" if opened else ("no" if opened is not None else "–"),
+            i + 1, g, "yes" if opened else ("no" if opened is not None else "–"),
             _num(joined, 3), best, _num(at("importance", i), 3), _num(at("kept_fraction", i), 3),
             ", ".join(str(r) for r in ranks) if ranks else "–",
         ])

@@ -21,6 +21,8 @@ TINY = [
     '--model.backbone_kwargs={"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2}',
     "--model.ham.target_modules=[qkv, fc1, fc2]", "--model.ham.max_groups=2", "--model.ham.rank=4",
     "--model.ham.adapt_from=null", "--data.prefix_cache=null",  # the quick start caches a prefix to blocks.6
+    # The quick start's ridge head, 256 wide: at 2048 its float64 eigendecompositions were most of a tiny run's time.
+    '--model.head_kwargs={"projection": 256}',
     "--data.dataset=digits", "--data.num_tasks=5", "--data.image_size=32", "--data.epochs_per_task=1",
     "--data.limit_per_class_train=8", "--data.limit_per_class_test=4", "--data.batch_size=16",
     "--trainer.accelerator=cpu", "--trainer.enable_model_summary=false",
@@ -111,32 +113,44 @@ def test_fit_writes_results_report_plots_and_offline_wandb(tmp_path: Path) -> No
     logged = yaml.safe_load(hparams.read_text())
     assert logged["model"]["ham"]["max_groups"] == 2 and logged["model"]["optimizer"]["init_args"]["lr"] == 0.001
 
-    # `test` on the final checkpoint re-evaluates every task: the accuracy matrix's last row.
-    tested = cli(["test", *TINY, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--run_name=tiny-test",
-                  f"--runs_dir={tmp_path / 'runs'}"])
+    # The README's commands on this named run (its config.yaml says run_name: tiny): each writes beside the run.
+    readme = ["--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+    # `test` re-evaluates every task: the accuracy matrix's last row, in percent as fit shows it, and a file.
+    tested = cli(["test", *readme])
     metrics = tested.trainer.callback_metrics
     for j in range(T):
         # Per-task keys: HAMModule's own (test/acc_task_j) or Lightning's for a key logged per loader.
         value = metrics.get(f"test/acc_task_{j}", metrics.get(f"test/acc/dataloader_idx_{j}"))
         assert value is not None, sorted(metrics)
         assert 100 * float(value) == pytest.approx(final[j], abs=1e-4)
+    written = json.loads((run / "test" / "test_results.json").read_text())
+    assert written["accuracy_per_task"] == pytest.approx(final, abs=1e-4)
+    assert written["accuracy_seen"] == pytest.approx(results["last_accuracy"], abs=1e-4)
+    assert written["counts"] == [[round(final[j] * 8 / 100), 8] for j in range(T)]  # 2 classes x 4 images
+    assert not (run / "test" / "results.json").exists() and (run / "results.json").is_file()
 
     # `predict` with the folded model: every test image, among the classes learned; it agrees with the matrix.
     import csv
 
-    ckpt = run / "checkpoints" / "last.ckpt"
-    cli(["predict", *TINY, f"--ckpt_path={ckpt}", "--run_name=tiny-predict", f"--runs_dir={tmp_path / 'runs'}"])
-    with open(tmp_path / "runs" / "tiny-predict" / "predictions.csv") as f:
+    cli(["predict", *readme])
+    with open(run / "predict" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["task", "index", "label", "label_name", "predicted", "predicted_name", "probability"]
     assert len(rows) == 5 * 2 * 4  # tasks x classes x limit_per_class_test
     correct = sum(int(r["predicted"]) == int(r["label"]) for r in rows)
     assert 100 * correct / len(rows) == pytest.approx(results["last_accuracy"], abs=1e-4)
+    names = tested.datamodule.class_names  # the data set's own names beside the permuted indices
+    assert all(r["label_name"] == str(names[int(r["label"])]) and r["predicted_name"] == str(names[int(r["predicted"])])
+               for r in rows)
+    assert any(r["label_name"] != r["label"] for r in rows)  # digits' classes are permuted: names differ from indices
+    cli(["predict", *readme])  # again: a second folder, the first kept
+    assert (run / "predict-2" / "predictions.csv").is_file() and (run / "predict" / "predictions.csv").is_file()
     images = tmp_path / "images" / "sub"
     images.mkdir(parents=True)
     for k in range(3):
         Image.new("RGB", (20, 20), (30 * k, 200, 90)).save(images / f"{k}.png")
-    cli(["predict", *TINY, f"--ckpt_path={ckpt}", f"--predict_path={images.parent}", "--run_name=tiny-folder",
-         f"--runs_dir={tmp_path / 'runs'}"])
+    cli(["predict", *TINY, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"--predict_path={images.parent}",
+         "--run_name=tiny-folder", f"--runs_dir={tmp_path / 'runs'}"])  # another name: a folder of its own
     with open(tmp_path / "runs" / "tiny-folder" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert [Path(r["file"]).name for r in rows] == ["0.png", "1.png", "2.png"]
@@ -190,9 +204,11 @@ def test_every_logger_writes_into_the_run_folder(tmp_path: Path) -> None:
     assert list((tmp_path / "runs" / "tb").rglob("events.out.tfevents.*"))
 
 
-def test_help_is_short_and_describes_ham_options() -> None:
-    out = subprocess.run([sys.executable, "-m", "ham_lightning.cli", "fit", "--help"], capture_output=True,
-                         text=True, timeout=600).stdout
+def test_help_is_short_and_describes_ham_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:  # in-process: the same parser, no interpreter start
+        cli(["fit", "--help"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
     # HAMConfig's field metadata (compared without the help formatter's line breaks).
     assert "max_groups:Numberofpre-allocatedgroupslotsG_max" in "".join(out.split())
     assert "torch.nn.modules" not in out  # --model.backbone does not list every nn.Module

@@ -31,11 +31,12 @@ def _offline_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     offline_wandb(monkeypatch, tmp_path)
 
 
-def test_export_round_trip_on_the_pristine_lite0_weights(tmp_path: Path) -> None:
+def test_export_round_trip_on_the_pristine_lite0_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The PEFT adapter on the package's own Lite0 weights, and the folded state dict in a plain timm model,
     reproduce the trained HAM model's features and logits (BatchNorm statistics frozen from the first step)."""
     from peft import PeftModel
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # any download attempt fails at once
     cli(["fit", *LITE0, "--run_name=lite0"])
     run = tmp_path / "runs" / "lite0"
     files = cli(["export", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
@@ -55,7 +56,14 @@ def test_export_round_trip_on_the_pristine_lite0_weights(tmp_path: Path) -> None
         pristine = create_backbone("tf_efficientnet_lite0", pretrained=True).eval()
         peft_model = PeftModel.from_pretrained(pristine, str(files["peft_adapter"])).eval()
         assert (peft_model(x) - features).abs().max() < 1e-4
-
+        # The README's recipe as printed (offline: the packaged weights), on this run's export.
+        recipe = _readme_peft_recipe().replace("runs/quickstart/", f"{run}/")
+        namespace: dict = {}
+        exec(compile(recipe, "README.md", "exec"), namespace)
+        assert (namespace["model"](x) - features).abs().max() < 1e-4
+    assert info["pretrained"] is True  # what the run trained from (export itself builds without weights)
+    assert info["base"] == "create_backbone('tf_efficientnet_lite0', pretrained=True)"
+    with torch.no_grad():
         plain = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
         plain.load_state_dict(load_file(files["backbone_folded"]))
         folded = plain(x)
@@ -63,6 +71,13 @@ def test_export_round_trip_on_the_pristine_lite0_weights(tmp_path: Path) -> None
         head = type(trained.head)(**_head_args(trained))
         head.load_state_dict(load_file(files["head"]))
         assert torch.equal(head.eval_logits(head(folded)).argmax(1), logits.argmax(1))
+
+
+def _readme_peft_recipe() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
+    (recipe,) = [b for b in blocks if "PeftModel.from_pretrained" in b]
+    return recipe
 
 
 def _head_args(model: HAMModule) -> dict:
@@ -94,10 +109,14 @@ def test_compare_runs_table_and_plot_from_results_json(tmp_path: Path, capsys: p
     runs = tmp_path / "runs"
     a = _fake_run(runs, "a", "ham", [90.0, 70.0, 60.0])
     b = _fake_run(runs, "b", "seq_lora", [95.0, 50.0, 30.0])
-    (runs / "unfinished").mkdir()
-    result = cli(["compare", str(a), str(b), str(runs / "unfinished"), "--out", str(tmp_path / "cmp")])
+    (runs / "unfinished" / "checkpoints").mkdir(parents=True)
+    (runs / "quickstart-predict").mkdir()
+    (runs / "quickstart-predict" / "predictions.csv").write_text("task,index\n")
+    result = cli(["compare", str(a), str(b), str(runs / "unfinished"), str(runs / "quickstart-predict"), "--out",
+                  str(tmp_path / "cmp")])
     captured = capsys.readouterr()
-    assert "skipped (no results.json)" in captured.err and "unfinished" in captured.err
+    assert f"skipped, unfinished (no results.json yet): {runs / 'unfinished'}" in captured.err
+    assert f"skipped, not fit runs: {runs / 'quickstart-predict'}" in captured.err
     assert [r["run"] for r in result["rows"]] == ["a", "b"]  # best last accuracy first
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| a | ham | digits | 3 | 60.00 | 73.33 | 10.00 | -10.00 | 12 |" in table
@@ -105,3 +124,17 @@ def test_compare_runs_table_and_plot_from_results_json(tmp_path: Path, capsys: p
     with Image.open(tmp_path / "cmp" / "compare.png") as image:
         assert image.size[0] > 500
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())[1]["last_accuracy"] == 30.0
+
+
+def test_compare_writes_under_the_runs_folder_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    _fake_run(runs, "a", "ham", [90.0, 70.0])
+    _fake_run(runs, "b", "ncm", [80.0, 75.0])
+    cli(["compare", *sorted(str(p) for p in runs.iterdir())])
+    assert sorted(p.name for p in (runs / "comparison").iterdir()) == ["compare.json", "compare.md", "compare.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing in the working tree's top level
+    capsys.readouterr()
+    cli(["compare", *sorted(str(p) for p in runs.iterdir())])  # runs/* now holds runs/comparison: passed over
+    assert "skipped" not in capsys.readouterr().err

@@ -25,7 +25,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 TESTS = Path(__file__).resolve().parent
 
-#: Two epochs per task (so a checkpoint falls mid-task), two batches per epoch (so a kill falls mid-epoch).
+#: Two epochs per task (so a checkpoint falls mid-task), two batches per epoch (so a kill falls mid-epoch), three
+#: tasks on two group slots (so the last task merges into an occupied slot).
 TINY_CONFIG = {
     "seed_everything": 1993,
     "model": {
@@ -37,8 +38,8 @@ TINY_CONFIG = {
         "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1,
                                                                                        "gamma": 0.5}},
     },
-    "data": {"dataset": "digits", "num_tasks": 5, "image_size": 32, "epochs_per_task": 2, "batch_size": 16,
-             "limit_per_class_train": 16, "limit_per_class_test": 6},
+    "data": {"dataset": "digits", "num_tasks": 3, "image_size": 32, "epochs_per_task": 2, "batch_size": 16,
+             "limit_per_class_train": 8, "limit_per_class_test": 4},
     "trainer": {"accelerator": "cpu", "enable_model_summary": False, "enable_progress_bar": False,
                 "logger": False},
 }
@@ -128,11 +129,6 @@ def _kill_when_paused(tmp_path: Path, args: list[str], flag: Path, sig: signal.S
     return process.wait(timeout=600), _output(process)
 
 
-def _run(tmp_path: Path, args: list[str]) -> tuple[int, str]:
-    process = _start(tmp_path, args)
-    return process.wait(timeout=900), _output(process)
-
-
 def _final_state(run: Path) -> tuple[dict[str, torch.Tensor], dict]:
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     return ckpt["state_dict"], json.loads((run / "results.json").read_text())
@@ -175,47 +171,6 @@ def _resume_args(run: Path, extra: list[str] | None = None) -> list[str]:
             *(extra or ["--trainer.callbacks=[]"])]
 
 
-def _reference(tmp_path: Path, config: Path, name: str) -> Path:
-    status, output = _run(tmp_path, ["--config", str(config), f"--run_name={name}"])
-    assert status == 0, output[-3000:]
-    return tmp_path / "runs" / name
-
-
-def test_ham_killed_by_every_signal_mid_task_and_at_a_boundary_resumes_bit_for_bit(tmp_path: Path) -> None:
-    config = _write_config(tmp_path, "ham")
-    run = tmp_path / "runs" / "killed"
-    # 5 tasks x 2 epochs: epochs 0-9, a boundary after every odd epoch; last.ckpt after every epoch.
-    # SIGINT mid-epoch in task 1's second epoch (epoch 3): Lightning stops at once, exit 1; last.ckpt = epoch 2.
-    flag = tmp_path / "int"
-    status, output = _kill_when_paused(tmp_path, ["--config", str(config), "--run_name=killed",
-                                                  _pause(flag, epoch=3, batch=1)], flag, signal.SIGINT)
-    assert status == 1, output[-3000:]
-    assert "Resume with" in output and not (run / "results.json").exists()
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
-
-    # SIGTERM at task 2's boundary (end of epoch 5): the epoch, merge and evaluation finish, last.ckpt is
-    # written, and the run exits with 143 (not 0: it did not finish).
-    flag = tmp_path / "term"
-    status, output = _kill_when_paused(tmp_path, _resume_args(run, [_pause(flag, epoch=5, hook="epoch_end")]),
-                                       flag, signal.SIGTERM)
-    assert status == 143, output[-3000:]
-    assert "SIGTERM" in output and not (run / "results.json").exists()
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["epoch"] == 5
-    assert len(next(v for k, v in ckpt["callbacks"].items() if "HierarchicalMergeCallback" in k)["rows"]) == 3
-
-    # SIGKILL at the first batch after that boundary: nothing runs at exit; last.ckpt is the boundary's.
-    flag = tmp_path / "kill"
-    status, output = _kill_when_paused(tmp_path, _resume_args(run, [_pause(flag, epoch=6, batch=0)]), flag,
-                                       signal.SIGKILL)
-    assert status == -signal.SIGKILL
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 5
-
-    status, output = _run(tmp_path, _resume_args(run))
-    assert status == 0, output[-3000:]
-    _assert_same_run(run, _reference(tmp_path, config, "reference"))
-
-
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """In-process runs with the subprocesses' single intra-op thread (restored after), so sums add up alike."""
@@ -223,6 +178,52 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def test_ham_killed_by_every_signal_mid_task_and_at_a_boundary_resumes_bit_for_bit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None) -> None:
+    """Three real processes, each killed with the README's resume command; the last resume and the
+    uninterrupted reference run in-process (same command, no interpreter start)."""
+    from ham_lightning.cli import cli
+
+    config = _write_config(tmp_path, "ham")
+    run = tmp_path / "runs" / "killed"
+    # 3 tasks x 2 epochs: epochs 0-5, a boundary after every odd epoch; last.ckpt after every epoch.
+    # SIGINT mid-epoch in task 0's second epoch (epoch 1): Lightning stops at once, exit 1; last.ckpt = epoch 0.
+    flag = tmp_path / "int"
+    status, output = _kill_when_paused(tmp_path, ["--config", str(config), "--run_name=killed",
+                                                  _pause(flag, epoch=1, batch=1)], flag, signal.SIGINT)
+    assert status == 1, output[-3000:]
+    assert "Resume with" in output and not (run / "results.json").exists()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+
+    # SIGTERM at task 2's boundary (end of epoch 3): the epoch, merge and evaluation finish, last.ckpt is
+    # written, and the run exits with 143 (not 0: it did not finish).
+    flag = tmp_path / "term"
+    status, output = _kill_when_paused(tmp_path, _resume_args(run, [_pause(flag, epoch=3, hook="epoch_end")]),
+                                       flag, signal.SIGTERM)
+    assert status == 143, output[-3000:]
+    assert "SIGTERM" in output and not (run / "results.json").exists()
+    assert "up to the end of epoch 4, 2 tasks finished" in output  # counted from 1 (Lightning's epoch 3)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 3
+    assert len(next(v for k, v in ckpt["callbacks"].items() if "HierarchicalMergeCallback" in k)["rows"]) == 2
+
+    # SIGKILL at the first batch after that boundary: nothing runs at exit; last.ckpt is the boundary's.
+    flag = tmp_path / "kill"
+    status, output = _kill_when_paused(tmp_path, _resume_args(run, [_pause(flag, epoch=4, batch=0)]), flag,
+                                       signal.SIGKILL)
+    assert status == -signal.SIGKILL
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 3
+
+    earlier = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["RunResults"]
+    monkeypatch.chdir(tmp_path)
+    cli(["fit", *_resume_args(run)])
+    cli(["fit", "--config", str(config), "--run_name=reference"])
+    results = json.loads((run / "results.json").read_text())
+    assert results["fit_wall_time_s"] > earlier["fit_wall_time_s"] > 0  # the earlier processes' time added
+    assert len(results["groups"]["assignment"]) == 3 and not results["groups"]["opened"][2]  # a slot reused
+    _assert_same_run(run, tmp_path / "runs" / "reference")
 
 
 @pytest.mark.parametrize(("method", "sig", "pause"), [
@@ -234,7 +235,7 @@ def one_thread() -> Iterator[None]:
 def test_baseline_killed_resumes_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None,
                                              method: str, sig: signal.Signals, pause: dict) -> None:
     """One real kill per baseline; the resume and the uninterrupted run go in-process (same command, no
-    interpreter start: the subprocess test above covers that path for every signal)."""
+    interpreter start: the HAM test above covers the command for every signal)."""
     from ham_lightning.cli import cli
 
     config = _write_config(tmp_path, method)

@@ -79,14 +79,14 @@ def test_write_report_with_groups(tmp_path: Path) -> None:
     assert "| Peak memory | 1,520.0 MB |" in md
     # the accuracy matrix, row by row (blank above the diagonal, seen-classes accuracy last)
     matrix, seen = results["accuracy_matrix"], results["incremental_accuracy"]
-    assert "| after task | 0 | 1 | 2 | seen |" in md
-    assert f"| 0 | {matrix[0][0]:.2f} |  |  | {seen[0]:.2f} |" in md
-    assert f"| 1 | {matrix[1][0]:.2f} | {matrix[1][1]:.2f} |  | {seen[1]:.2f} |" in md
-    assert f"| 2 | {matrix[2][0]:.2f} | {matrix[2][1]:.2f} | {matrix[2][2]:.2f} | {seen[2]:.2f} |" in md
+    assert "| after task | 1 | 2 | 3 | seen |" in md  # tasks numbered from 1, as the CLI prints them
+    assert f"| 1 | {matrix[0][0]:.2f} |  |  | {seen[0]:.2f} |" in md
+    assert f"| 2 | {matrix[1][0]:.2f} | {matrix[1][1]:.2f} |  | {seen[1]:.2f} |" in md
+    assert f"| 3 | {matrix[2][0]:.2f} | {matrix[2][1]:.2f} | {matrix[2][2]:.2f} | {seen[2]:.2f} |" in md
     # per-task table, group table, parameters, config, image links
-    assert f"| 1 | {seen[1]:.2f} | 45.0 s | 1,510.0 MB |" in md
-    assert "| 0 | 0 | yes | – | – | 1.000 | 0.500 | 8, 0, 0 |" in md
-    assert "| 2 | 2 | yes | – | 0.700 (slot 1) | 1.250 | 0.500 | 8, 8, 8 |" in md
+    assert f"| 2 | {seen[1]:.2f} | 45.0 s | 1,510.0 MB |" in md
+    assert "| 1 | 0 | yes | – | – | 1.000 | 0.500 | 8, 0, 0 |" in md
+    assert "| 3 | 2 | yes | – | 0.700 (slot 1) | 1.250 | 0.500 | 8, 8, 8 |" in md
     assert "| trainable | 1,234,567 |" in md and "| stored_adapter | 98,765 |" in md
     assert '"seed": 1993' in md
     for key in PNG_KEYS:
@@ -104,7 +104,7 @@ def test_write_report_without_groups(tmp_path: Path) -> None:
         check_png(paths[key])
     md = paths["report"].read_text(encoding="utf-8")
     assert "## Groups" not in md and "groups.png" not in md and "Groups used" not in md
-    assert f"| 1 | {results['incremental_accuracy'][1]:.2f} | – | – |" in md
+    assert f"| 2 | {results['incremental_accuracy'][1]:.2f} | – | – |" in md
     assert "| Total wall time | 1 min 30 s |" in md
 
 
@@ -140,7 +140,7 @@ def test_fifty_tasks_render_quickly(tmp_path: Path) -> None:
     for key in PNG_KEYS:
         check_png(paths[key])
     md = paths["report"].read_text(encoding="utf-8")
-    assert "| 49 |" in md and "| Groups used | 8 of 8 |" in md
+    assert "| 50 |" in md and "| Groups used | 8 of 8 |" in md
 
 
 def test_summary_lines() -> None:
@@ -196,3 +196,49 @@ def test_domains_figure_counts_each_domains_tasks_per_group(tmp_path: Path) -> N
     paths = write_report(results, tmp_path)
     check_png(paths["domains_groups"])
     assert "adjusted Rand index 1.00" in "\n".join(summary_lines(results))
+
+
+def _tick_labels(ax: Any, axis: str) -> list[str]:
+    ax.figure.canvas.draw()
+    ticks = ax.get_xticklabels() if axis == "x" else ax.get_yticklabels()
+    return [t.get_text() for t in ticks]
+
+
+def test_plots_are_fitted_to_the_data_numbered_from_1_and_marked() -> None:
+    """What a person reads at a glance: colour scales and axes fitted to the values (a point's difference is
+    visible), values in the cells, tasks 1..n on whole ticks, a marker on every line (a one-point line shows)."""
+    results = make_results(4)
+    # near-orthogonal adapters: cosines ~1e-3, some negative
+    results["groups"]["similarities"] = [[None] * 3, [2e-3, None, None], [-1e-3, 3e-3, None], [1e-4, -2e-4, 5e-4]]
+    figs = figures(results)
+    matrix_ax = figs["accuracy_matrix"].axes[0]
+    values = [v for row in results["accuracy_matrix"] for v in row if v is not None]
+    low, high = matrix_ax.images[0].get_clim()
+    assert (low, high) == (pytest.approx(min(values)), pytest.approx(max(values)))
+    assert _tick_labels(matrix_ax, "x") == ["1", "2", "3", "4"]
+    left, right = figs["accuracy_over_tasks"].axes[:2]
+    assert all(line.get_marker() not in (None, "None", "") for line in left.get_lines() if len(line.get_xdata()) > 0
+               and line.get_linestyle() != "--")
+    assert min(values) - 10 < left.get_ylim()[0] and left.get_ylim()[1] < max(values) + 10  # not 0..100
+    assert _tick_labels(right, "x") == ["1", "2", "3", "4"]
+    groups_left, sims_ax = figs["groups"].axes[:2]
+    assert sims_ax.images[0].get_clim() == (pytest.approx(-3e-3), pytest.approx(3e-3))
+    texts = [t.get_text() for t in sims_ax.texts]
+    assert "3.0e-03" in texts and not any(t in ("-0.00", "0.00") for t in texts)
+    assert _tick_labels(groups_left, "x") == ["1", "2", "3", "4"]
+
+
+def test_comparison_plot_has_whole_task_ticks(tmp_path: Path) -> None:
+    from ham_lightning.lightning.results import compare_runs, comparison_figure
+
+    for name, shift in (("a", 0.0), ("b", 1.5)):
+        run = make_results(5, groups=False)
+        run["incremental_accuracy"] = [90.0 - shift - k for k in range(5)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(run))
+    out = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
+    check_png(Path(out["files"]["plot"]))
+    ax = comparison_figure(out["rows"]).axes[0]
+    labels = [t for t in _tick_labels(ax, "x") if t]
+    assert labels and all(float(t.replace("\u2212", "-")).is_integer() for t in labels)
+    assert 80 < ax.get_ylim()[0] and ax.get_ylim()[1] < 95  # fitted to 84.5..90, not 0..100

@@ -31,6 +31,7 @@ from ham_lightning.cli.config import (
     with_quickstart,
 )
 from ham_lightning.cli.export import export_main
+from ham_lightning.cli.noise import drop_wandb_anonymous, known_noise_silenced
 from ham_lightning.cli.predict import write_predictions
 from ham_lightning.cli.resume import contradictions
 from ham_lightning.cli.runs import _HELD, RunFolder, RunFolderError, claim_new_run, resumed_run_folder
@@ -39,7 +40,7 @@ from ham_lightning.data import ClassIncrementalDataModule
 from ham_lightning.lightning.callback import HierarchicalMergeCallback
 from ham_lightning.lightning.module import HAMModule
 from ham_lightning.lightning.progress import TaskProgressBar
-from ham_lightning.lightning.results import RunResults, TaskLines
+from ham_lightning.lightning.results import RunResults, TaskLines, TestResults
 from ham_lightning.lightning.sequence import resolve_epochs_per_task
 
 #: Exit status of a run stopped by SIGTERM (the shell's convention, 128 + 15): it did not finish.
@@ -116,11 +117,17 @@ class HAMLightningCLI(LightningCLI):
         ckpt_path = Path(config["ckpt_path"]) if config.get("ckpt_path") else None
         folder_of_ckpt = resumed_run_folder(ckpt_path) if ckpt_path is not None else None
         self.resuming = subcommand == "fit" and folder_of_ckpt is not None and folder_of_ckpt.is_dir()
+        run_of_ckpt = folder_of_ckpt if folder_of_ckpt is not None and folder_of_ckpt.is_dir() else None
+        run_name = config.get("run_name")
         try:
             if self.resuming:
                 assert folder_of_ckpt is not None
                 folder = RunFolder(folder_of_ckpt)
                 folder.acquire()
+            elif subcommand != "fit" and run_of_ckpt is not None and run_name in (None, run_of_ckpt.name):
+                # test / validate / predict on a run's checkpoint: beside the run, in <run>/<command>[-k], whatever
+                # run name the run's own config.yaml holds (a --run_name of another name still gets its folder).
+                folder = claim_new_run(run_of_ckpt, None, subcommand)
             else:
                 stamp = time.strftime("%Y%m%d-%H%M%S")
                 default = f"{benchmark}-{stamp}" if subcommand == "fit" else f"{benchmark}-{subcommand}-{stamp}"
@@ -140,7 +147,8 @@ class HAMLightningCLI(LightningCLI):
             args, kind = logger["init_args"], str(logger.get("class_path", "")).rsplit(".", 1)[-1]
             if kind == "WandbLogger":
                 args["save_dir"] = str(run_dir)
-                args["name"] = args.get("name") or run_dir.name
+                args["name"] = args.get("name") or (f"{run_dir.parent.name}-{run_dir.name}" if run_dir.parent
+                                                    == run_of_ckpt else run_dir.name)
                 args["group"] = args.get("group") or benchmark
                 args["tags"] = sorted({*(args.get("tags") or []), method})
                 if wandb_offline():
@@ -200,6 +208,8 @@ class HAMLightningCLI(LightningCLI):
                "epochs_per_task": epochs}
         callbacks.append(RunResults(dirpath=str(run_dir), config=clean, run=run))
         callbacks.append(TaskLines())
+        if self.subcommand == "test":
+            callbacks.append(TestResults(str(run_dir), run={**run, "ckpt_path": clean.get("ckpt_path")}))
         progress = config.get("enable_progress_bar") is not False
         if progress and not any(isinstance(c, TaskProgressBar) for c in _as_list(config.get("callbacks"))):
             callbacks.append(TaskProgressBar())
@@ -207,12 +217,21 @@ class HAMLightningCLI(LightningCLI):
                                    write=not (self.resuming and (run_dir / "config.yaml").is_file()),
                                    logged={**clean, "run": run}))
         self.save_config_callback = None  # RunConfig above replaces Lightning's (which writes into a logger's dir)
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        drop_wandb_anonymous(trainer.loggers)
+        return trainer
 
     def resume_command(self) -> str:
         assert self.run_dir is not None
         return (f"ham-lightning fit --config {self.run_dir / 'config.yaml'} "
                 f"--ckpt_path {self.run_dir / 'checkpoints' / 'last.ckpt'}")
+
+    @override
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "test":
+            kwargs["verbose"] = False  # TestResults prints percentages as fit does, not Lightning's fractions table
+        return kwargs
 
     @override
     def _run_subcommand(self, subcommand: str) -> None:
@@ -266,15 +285,16 @@ def cli(args: Sequence[str] | None = None, run: bool = True) -> Any:
     argv = with_quickstart(argv)
     held = len(_HELD)
     try:
-        return HAMLightningCLI(
-            HAMModule,
-            ClassIncrementalDataModule,
-            trainer_defaults=TRAINER_DEFAULTS,
-            seed_everything_default=1993,
-            parser_kwargs=parser_kwargs,
-            args=argv,
-            run=run,
-        )
+        with known_noise_silenced():
+            return HAMLightningCLI(
+                HAMModule,
+                ClassIncrementalDataModule,
+                trainer_defaults=TRAINER_DEFAULTS,
+                seed_everything_default=1993,
+                parser_kwargs=parser_kwargs,
+                args=argv,
+                run=run,
+            )
     finally:
         while len(_HELD) > held:  # a call that failed before its subcommand ran
             _HELD.pop().release()

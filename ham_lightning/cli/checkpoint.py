@@ -66,7 +66,8 @@ class SequenceCheckpoint(Checkpoint):
 
 
 def _checkpoint_point(path: Path) -> str:
-    """``at the start of training`` or ``up to the end of epoch N`` (for the message after a stop)."""
+    """``at the start of training`` or ``up to the end of epoch N, K tasks finished`` (N from 1; for the message
+    after a stop)."""
     try:
         import torch
 
@@ -75,5 +76,12 @@ def _checkpoint_point(path: Path) -> str:
         return "as last saved"
     if (checkpoint.get(CHECKPOINT_KEY) or {}).get("saved_at") == "start":
         return "at the start of training"
-    return f"up to the end of epoch {checkpoint.get('epoch', '?')}"
+    epoch = checkpoint.get("epoch")
+    if not isinstance(epoch, int):
+        return "as last saved"
+    # Counted from 1, as the progress bar and the task lines count (Lightning's `epoch` is 0-based).
+    finished = next((len(state.get("rows") or []) for key, state in (checkpoint.get("callbacks") or {}).items()
+                     if "HierarchicalMergeCallback" in str(key) and isinstance(state, dict)), None)
+    tasks = f", {finished} task{'s' if finished != 1 else ''} finished" if finished is not None else ""
+    return f"up to the end of epoch {epoch + 1}{tasks}"
 

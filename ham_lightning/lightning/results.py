@@ -2,6 +2,7 @@
 
 * `RunResults` (a callback): at the end of a sequence, write ``results.json``, the report and plots, and log them;
 * `TaskLines` (a callback): one line per finished task with its accuracy on the classes seen so far;
+* `TestResults` (a callback): ``test``'s per-task and seen-classes accuracy, printed and in ``test_results.json``;
 * `compare_runs`: a table and a plot from the ``results.json`` of finished runs (``ham-lightning compare``).
 """
 
@@ -41,7 +42,22 @@ class RunResults(Callback):
                  run: dict[str, Any] | None = None, write_report: bool = True) -> None:
         self.dirpath, self.config, self.run, self.write_report = dirpath, config, run, write_report
         self._start: float | None = None
+        self._before = 0.0  # wall time of the earlier processes of a resumed run (from the checkpoint)
         self.path: Path | None = None
+
+    def elapsed(self) -> float | None:
+        """Seconds of fit so far, every process of a resumed run added up (`fit_wall_time_s`)."""
+        if self._start is None:
+            return None
+        return self._before + time.perf_counter() - self._start
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"fit_wall_time_s": self.elapsed() or self._before}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._before = float(state_dict.get("fit_wall_time_s") or 0.0)
 
     def run_dir(self, trainer: Trainer) -> Path:
         return Path(self.dirpath or trainer.default_root_dir)
@@ -71,7 +87,7 @@ class RunResults(Callback):
 
                 # 1: the groups are exactly the domains; ~0: no relation (chance)
                 results["groups"]["domain_ari"] = float(adjusted_rand_score(domains, assignment))
-        results["fit_wall_time_s"] = time.perf_counter() - self._start if self._start else None
+        results["fit_wall_time_s"] = self.elapsed()
         self._write(trainer, results)
 
     @override
@@ -128,8 +144,8 @@ def _log_to_wandb(logger: WandbLogger, results: dict[str, Any], files: dict[str,
         if path.suffix == ".png":  # one key per plot: W&B wants images of one key to share a size
             logger.log_image(f"plots/{name}", images=[str(path)])
     matrix = results["accuracy_matrix"]
-    columns = ["after_task"] + [f"task_{j}" for j in range(len(matrix))]
-    logger.log_table("accuracy_matrix", columns=columns, data=[[i, *row] for i, row in enumerate(matrix)])
+    columns = ["after_task"] + [f"task_{j + 1}" for j in range(len(matrix))]  # 1-based, as the report's
+    logger.log_table("accuracy_matrix", columns=columns, data=[[i + 1, *row] for i, row in enumerate(matrix)])
     summary = logger.experiment.summary
     for key in ("last_accuracy", "average_incremental_accuracy", "forgetting", "bwt"):
         summary[key] = results[key]
@@ -200,6 +216,48 @@ def task_line(task: int, num_tasks: int | None, row: list[tuple[int, int]], reco
             f"(per task: {per_task}){timing}")
 
 
+class TestResults(Callback):
+    """``test``'s results as ``fit`` shows them: accuracy in percent on the classes seen (all test images of the
+    tasks evaluated) and per task, printed and written to ``<dirpath>/test_results.json``.
+
+    Reads the per-task accuracies `HAMModule` logs (``test/acc``, one value per task's loader) and the loaders'
+    sizes, so the seen-classes figure weighs every image once, as `ContinualEvaluation` does."""
+
+    def __init__(self, dirpath: str, run: dict[str, Any] | None = None) -> None:
+        self.dirpath, self.run = Path(dirpath), run
+        self.path: Path | None = None
+        self.results: dict[str, Any] | None = None
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loaders = trainer.test_dataloaders
+        loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+        metrics = trainer.callback_metrics
+        rows: list[tuple[int, int]] = []
+        for j, loader in enumerate(loaders):
+            value = metrics.get(f"test/acc_task_{j}", metrics.get(f"test/acc/dataloader_idx_{j}"))
+            if value is None and len(loaders) == 1:
+                value = metrics.get("test/acc")
+            size = len(loader.dataset) if hasattr(loader, "dataset") else 0
+            rows.append((round(float(value) * size) if value is not None else 0, size))
+        correct, total = sum(c for c, _ in rows), sum(n for _, n in rows)
+        self.results = {
+            "accuracy_seen": 100.0 * correct / max(1, total),
+            "accuracy_per_task": [100.0 * c / n if n else None for c, n in rows],
+            "counts": [list(r) for r in rows],
+            "num_tasks_evaluated": len(rows),
+            "run": self.run,
+        }
+        if not trainer.is_global_zero:
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        self.path = self.dirpath / "test_results.json"
+        self.path.write_text(json.dumps(_jsonable(self.results), indent=2))
+        per_task = " ".join(f"{100.0 * c / n:.1f}" if n else "-" for c, n in rows)
+        rank_zero_info(f"test of {len(rows)} task{'s' if len(rows) != 1 else ''}: accuracy on seen classes "
+                       f"{self.results['accuracy_seen']:.2f}% (per task: {per_task})\nResults: {self.path}")
+
+
 def _continual(trainer: Trainer) -> ContinualEvaluation | None:
     return next((c for c in trainer.callbacks if isinstance(c, ContinualEvaluation)), None)  # type: ignore[attr-defined]
 
@@ -220,11 +278,10 @@ def load_run(path: str | Path) -> dict[str, Any]:
 
 def comparison_row(results: dict[str, Any]) -> dict[str, Any]:
     """The numbers of one run in a comparison table."""
+    from ham_lightning.report import wall_time
+
     run = results.get("run") or {}
-    tasks = results.get("tasks") or []
-    wall = results.get("fit_wall_time_s")
-    if wall is None:
-        wall = sum(t.get("wall_time_s") or 0.0 for t in tasks) or None
+    wall = wall_time(results)
     return {
         "run": run.get("run_name") or Path(run.get("run_dir", "?")).name,
         "method": results.get("method"),
@@ -274,19 +331,30 @@ def compare_runs(paths: list[str | Path], out: str | Path | None = None) -> dict
 
 
 def _comparison_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    comparison_figure(rows).savefig(path, dpi=120, facecolor="white")
+    return path
+
+
+def comparison_figure(rows: list[dict[str, Any]]) -> Any:
     """Accuracy on seen classes after each task, one labelled line per run (matplotlib's Agg canvas, no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8.0, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
+    from matplotlib.ticker import MaxNLocator
+
     ax = fig.subplots()
     for r in rows:
         acc = r["incremental_accuracy"]
         ax.plot(range(1, len(acc) + 1), acc, marker="o", ms=3, label=f"{r['run']} ({r['method']})")
-    ax.set(xlabel="tasks learned", ylabel="accuracy on seen classes (%)", ylim=(0, 100),
+    values = [float(v) for r in rows for v in r["incremental_accuracy"] if v is not None]
+    if values:  # fitted to the runs: their differences are often a point or two
+        margin = max(0.08 * (max(values) - min(values)), 1.0)
+        ax.set_ylim(max(0.0, min(values) - margin), min(100.0, max(values) + margin))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # tasks are whole: 1, 2, ... (as the run reports)
+    ax.set(xlabel="after training task", ylabel="accuracy on seen classes (%)",
            title="Accuracy after each task: " + ", ".join(sorted({str(r["dataset"]) for r in rows})))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120, facecolor="white")
-    return path
+    return fig

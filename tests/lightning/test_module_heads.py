@@ -45,6 +45,17 @@ def test_ham_adapters_under_a_ridge_head_fit_it_after_each_merge() -> None:
     assert results["last_accuracy"] > 50.0  # chance is 16.7%
     assert not torch.isnan(model.head.lam) and model.head.count == 3 * 2 * 48
     assert all(k > 0 for k in model.subspace.ranks().values())
+    # Calibrated probabilities: the head's temperature over the seen classes, 0 for unseen ones.
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.randn(5, 24))
+        probabilities = model.probabilities(logits)
+    seen = model.head.seen
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(5))
+    assert torch.all(probabilities[:, ~seen] == 0)
+    temperature = float(model.head.temperature)
+    assert temperature != 1.0
+    torch.testing.assert_close(probabilities[:, seen], torch.softmax(logits[:, seen] / temperature, dim=1))
 
 
 def test_mobilenetv3_head_width_is_the_pooled_feature_width() -> None:
