@@ -30,6 +30,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "ncm_frozen": ("ncm", []),
     "joint": ("joint", []),  # every class in one task, same passes over the data: the head room of adaptation
     "merge_sum": ("merge_sum", []),
+    "ham_paper": ("ham_paper", []),  # groups by the deltas' cosine, every group on every input (design.md)
     "seq_lora": ("seq_lora", []),
     # issue 22: groups chosen by the data (pooled inputs of the adapted part) and each input routed to its group
     "data_similarity": ("ham", ["--model.ham.similarity_source=data", "--model.ham.similarity_threshold=0.01"]),

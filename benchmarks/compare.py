@@ -28,8 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+#: One slot, no learned scalars, no routing: the baselines train on top of their one merged delta, as published.
 _BASELINE = ["--model.ham.max_groups=1", "--model.ham.train_importance=false",
-             "--model.ham.train_group_scalars=false"]
+             "--model.ham.train_group_scalars=false", "--model.ham.routing=false",
+             "--model.ham.similarity_source=weights"]
 #: CLI overrides that turn the shared config into each method (HAM runs the config unchanged). ``ncm`` and
 #: ``ridge`` are the training-free anchors: the frozen backbone (no adapters) under a statistics head, one pass.
 METHOD_ARGS: dict[str, list[str]] = {
