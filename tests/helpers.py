@@ -1,4 +1,4 @@
-"""Shared helpers: tiny randomly initialised timm models (a module, not a conftest: tests/data has its own conftest)."""
+"""Shared helpers: tiny randomly initialised timm models (a module, not a fixture file: tests import it by name)."""
 
 from __future__ import annotations
 
