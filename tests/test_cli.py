@@ -145,6 +145,12 @@ def test_fit_writes_results_report_plots_and_offline_wandb(tmp_path: Path) -> No
     assert any(r["label_name"] != r["label"] for r in rows)  # digits' classes are permuted: names differ from indices
     cli(["predict", *readme])  # again: a second folder, the first kept
     assert (run / "predict-2" / "predictions.csv").is_file() and (run / "predict" / "predictions.csv").is_file()
+    # The checkpoint copied out of the run, with the run's config (which names the taken folder runs/tiny).
+    import shutil
+
+    shutil.copy(run / "checkpoints" / "last.ckpt", tmp_path / "copy.ckpt")
+    cli(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(tmp_path / "copy.ckpt")])
+    assert (tmp_path / "runs" / "tiny-test" / "test_results.json").is_file()
     images = tmp_path / "images" / "sub"
     images.mkdir(parents=True)
     for k in range(3):

@@ -128,6 +128,9 @@ class HAMLightningCLI(LightningCLI):
                 # test / validate / predict on a run's checkpoint: beside the run, in <run>/<command>[-k], whatever
                 # run name the run's own config.yaml holds (a --run_name of another name still gets its folder).
                 folder = claim_new_run(run_of_ckpt, None, subcommand)
+            elif subcommand != "fit" and run_name and RunFolder(Path(config["runs_dir"]) / run_name).others():
+                # A checkpoint kept elsewhere with a run's config.yaml, which names that (taken) run folder.
+                folder = claim_new_run(Path(config["runs_dir"]), None, f"{run_name}-{subcommand}")
             else:
                 stamp = time.strftime("%Y%m%d-%H%M%S")
                 default = f"{benchmark}-{stamp}" if subcommand == "fit" else f"{benchmark}-{subcommand}-{stamp}"
