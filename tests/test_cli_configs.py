@@ -6,6 +6,7 @@ head, optimizer), on CPU in float32."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,23 @@ def _fixture(dataset: str, tmp: Path) -> str | None:
         # 40 classes: two a task at 20 tasks (a single-class task would be warned about)
         layouts.make_class_folders(tmp / "imagenet-r", [f"n{20000000 + k:08d}" for k in range(40)], per_class=5)
         return str(tmp / "imagenet-r")
+    if dataset in ("gtsrb", "dtd", "image_folder"):
+        # pre-split class folders (GTSRB's <track>_<frame> names), 12 classes: 1-2 a task at 10 tasks
+        for split in ("train", "test"):
+            for label in range(12):
+                for k in range(2):
+                    layouts.write_image(tmp / dataset / split / f"{label:02d}" / f"{k:05d}_00000.png", label, k)
+        return str(tmp / dataset)
     raise AssertionError(f"no fixture for {dataset}: add one when shipping its config")
+
+
+def _sources(shipped: dict, tmp: Path) -> str:
+    """A mixture config's sources pointed at tiny fixtures of each source's data set."""
+    sources = []
+    for k, source in enumerate(shipped["data"]["sources"]):
+        root = _fixture(source["dataset"], tmp / f"source{k}")
+        sources.append({**source, "root": root, "classes": min(source.get("classes") or 12, 12)})
+    return json.dumps(sources)
 
 
 @pytest.fixture(autouse=True)
@@ -60,13 +77,15 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_shipped_config_runs_a_training_step_on_its_layout(config: Path, tmp_path: Path) -> None:
     shipped = yaml.safe_load(config.read_text())
     dataset = shipped["data"]["dataset"]
-    root = _fixture(dataset, tmp_path / "data")
+    root = None if dataset == "mixture" else _fixture(dataset, tmp_path / "data")
     args = ["fit", "--config", str(config), "--model.pretrained=false", "--data.batch_size=2",
             "--data.num_workers=0", "--trainer.max_steps=1", "--trainer.logger=false", "--merge.evaluate=false",
             "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu", "--run_name=step",
             "--trainer.precision=32-true"]  # bf16 autocast is emulated (slow) on most CPUs
-    if root is not None:
+    if dataset == "mixture":
+        args.append(f"--data.sources={_sources(shipped, tmp_path / 'data')}")
+    elif root is not None:
         args.append(f"--data.root={root}")
     else:  # digits ships whole: a few images per class, so the prefix cache is built in a second
         args += ["--data.limit_per_class_train=2", "--data.limit_per_class_test=1"]
