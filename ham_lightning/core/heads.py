@@ -1,30 +1,32 @@
-"""Heads over every class of the scenario: trained (`IncrementalHead`) or fitted from class statistics
-(`NCMHead`, `RidgeHead`, `AlignedHead`), chosen by name through a registry (`create_head`)."""
+"""The built-in heads (`ham_lightning.core.head.Head`): trained (`IncrementalHead`) or fitted from class
+statistics (`NCMHead`, `RidgeHead`, `AlignedHead`), registered by name (`create_head`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from ham_lightning.core.head import (
+    Head,
+    create_head,
+    is_statistics_head,
+    list_heads,
+    mark_task,
+    register_head,
+)
+
+__all__ = ["AlignedHead", "Head", "IncrementalHead", "NCMHead", "RidgeHead", "StatisticsHead", "create_head",
+           "is_statistics_head", "list_heads", "mark_task", "register_head"]
+
 LogitMask = Literal["current", "seen"]
-
-
-def mark_task(current: Tensor, seen: Tensor, classes: Sequence[int]) -> None:
-    """Flag ``classes`` as the current task's (only them) and as seen; refuses classes outside the head."""
-    index = torch.as_tensor(list(classes), dtype=torch.long, device=current.device)
-    if index.numel() and (index.min() < 0 or index.max() >= current.numel()):
-        raise ValueError(f"task classes {list(classes)} out of range for a head of {current.numel()} classes")
-    current.zero_()
-    current[index] = True
-    seen[index] = True
 HeadKind = Literal["linear", "cosine"]
 
 
-class IncrementalHead(nn.Module):
+class IncrementalHead(Head):
     """A linear head allocated up front for all classes, with per-task logit masking and frozen finished rows.
 
     ``kind="linear"`` is design.md's masked linear head; ``kind="cosine"`` compares normalised features and rows
@@ -35,7 +37,7 @@ class IncrementalHead(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, mask: LogitMask = "current", freeze_old_rows: bool = True,
                  kind: HeadKind = "linear", scale: float = 16.0):
-        super().__init__()
+        super().__init__(num_classes)
         if mask not in ("current", "seen"):
             raise ValueError(f"mask must be 'current' or 'seen', got {mask!r}")
         if kind not in ("linear", "cosine"):
@@ -45,16 +47,10 @@ class IncrementalHead(nn.Module):
         self.register_buffer("frozen_weight", torch.zeros(num_classes, in_features))
         self.register_buffer("frozen_bias", torch.zeros(num_classes))
         self.register_buffer("frozen", torch.zeros(num_classes, dtype=torch.bool))
-        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
-        self.register_buffer("current", torch.zeros(num_classes, dtype=torch.bool))
 
     @property
     def num_classes(self) -> int:
         return self.linear.out_features
-
-    def start_task(self, classes: Sequence[int]) -> None:
-        """Classes of the task about to train: they become current and seen."""
-        mark_task(self.current, self.seen, classes)
 
     @torch.no_grad()
     def end_task(self) -> None:
@@ -80,10 +76,6 @@ class IncrementalHead(nn.Module):
         """Logits masked for training: only the current task's (``current``) or all seen classes (``seen``)."""
         allowed = self.current if self.mask == "current" else self.seen
         return logits.masked_fill(~allowed, float("-inf"))
-
-    def eval_logits(self, logits: Tensor) -> Tensor:
-        """Logits masked to every class seen so far (task-agnostic evaluation)."""
-        return logits.masked_fill(~self.seen, float("-inf"))
 
 
 def fit_temperature(scores: Tensor, labels: Tensor, low: float = 1e-4, high: float = 1e4) -> float:
@@ -111,7 +103,7 @@ def fit_temperature(scores: Tensor, labels: Tensor, low: float = 1e-4, high: flo
 
 
 # -- heads that train nothing: class statistics accumulated task by task -----------------------------------------
-class StatisticsHead(nn.Module):
+class StatisticsHead(Head):
     """A head fitted in closed form from class statistics of the features, accumulated task by task.
 
     It never forgets by construction: a finished task's statistics are sums that later tasks only add to.
@@ -119,32 +111,12 @@ class StatisticsHead(nn.Module):
     The features of a finished task were taken under the backbone of that time (see docs/method.md on drift).
     """
 
-    #: It needs a statistics pass over each task's training data (features in eval mode) at the task's end.
+    #: It needs a statistics pass over each task's training data (features in eval mode) after the merge.
     needs_statistics = True
 
     def __init__(self, in_features: int, num_classes: int) -> None:
-        super().__init__()
+        super().__init__(num_classes)
         self.in_features, self.num_classes = in_features, num_classes
-        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
-        self.register_buffer("current", torch.zeros(num_classes, dtype=torch.bool))
-
-    def start_task(self, classes: Sequence[int]) -> None:
-        mark_task(self.current, self.seen, classes)
-
-    def end_task(self) -> None:
-        """Nothing to freeze: the statistics of finished classes are only ever added to."""
-
-    def update(self, features: Tensor, labels: Tensor) -> None:
-        raise NotImplementedError
-
-    def fit(self) -> None:
-        raise NotImplementedError
-
-    def train_logits(self, logits: Tensor) -> Tensor:
-        return logits.masked_fill(~self.current, float("-inf"))
-
-    def eval_logits(self, logits: Tensor) -> Tensor:
-        return logits.masked_fill(~self.seen, float("-inf"))
 
 
 class NCMHead(StatisticsHead):
@@ -471,34 +443,7 @@ class AlignedHead(StatisticsHead):
         return self.linear(features)
 
 
-# -- the registry ------------------------------------------------------------------------------------------------
-HeadFactory = Callable[..., nn.Module]
-_HEADS: dict[str, HeadFactory] = {}
-
-
-def register_head(name: str, factory: HeadFactory) -> None:
-    """Make ``create_head(name, ...)`` build ``factory(in_features, num_classes, **kwargs)``."""
-    _HEADS[name] = factory
-
-
-def list_heads() -> list[str]:
-    return sorted(_HEADS)
-
-
-def create_head(name: str, in_features: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    """A head by registry name: ``linear``, ``cosine`` (trained), ``ncm``, ``ridge``, ``aligned`` (class
-    statistics)."""
-    if name not in _HEADS:
-        raise ValueError(f"Unknown head {name!r}; choose one of {', '.join(list_heads())}.")
-    return _HEADS[name](in_features, num_classes, **kwargs)
-
-
-def is_statistics_head(head: nn.Module) -> bool:
-    """Whether ``head`` is fitted from a statistics pass (`StatisticsHead`) rather than trained by gradient."""
-    return bool(getattr(head, "needs_statistics", False))
-
-
-# Every factory takes the common options (mask, freeze_old_rows, scale) and ignores those it has no use for.
+# -- the registry (``factory(in_features, num_classes, **common options)``) ------------------------------------
 register_head("linear", lambda d, c, **kw: IncrementalHead(d, c, kind="linear", **kw))
 register_head("cosine", lambda d, c, **kw: IncrementalHead(d, c, kind="cosine", **kw))
 register_head("ncm", lambda d, c, mask=None, freeze_old_rows=None, scale=16.0, **kw: NCMHead(d, c, scale, **kw))
