@@ -53,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, data = built.model, built.datamodule
     data.setup("fit")
     data.set_task(0)
-    model.on_task_start(0, list(data.task_classes(0)))
+    for task_head in (model.head, model.loss_head):  # what the callback does at a task's start
+        if task_head is not None:
+            task_head.start_task(list(data.task_classes(0)))
     with torch.no_grad():
         for layer in model.ham.layers.values():
             layer.lora_B.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(0))
