@@ -36,7 +36,8 @@ from ham_lightning.cli.predict import write_predictions
 from ham_lightning.cli.resume import contradictions
 from ham_lightning.cli.runs import _HELD, RunFolder, RunFolderError, claim_new_run, resumed_run_folder
 from ham_lightning.core.config import HAMConfig
-from ham_lightning.data import ClassIncrementalDataModule
+from ham_lightning.core.registry import HEADS, load_plugins
+from ham_lightning.data import READERS, ClassIncrementalDataModule
 from ham_lightning.lightning.callback import HierarchicalMergeCallback
 from ham_lightning.lightning.module import HAMModule
 from ham_lightning.lightning.progress import TaskProgressBar
@@ -167,6 +168,15 @@ class HAMLightningCLI(LightningCLI):
                 HAMConfig(**_plain(ham))
             except (TypeError, ValueError) as err:
                 self._error(subcommand, f"--model.ham: {err} Fix it in the config or with --model.ham.<option>.")
+        try:  # names of the registries: a typo fails here, not after the data set is read
+            head = config.get("model", {}).get("head")
+            if isinstance(head, str):
+                HEADS.check(head, "--model.head")
+            dataset = config.get("data", {}).get("dataset")
+            if isinstance(dataset, str):
+                READERS.check(dataset, "--data.dataset")
+        except ValueError as err:
+            self._error(subcommand, str(err))
         try:
             resolve_epochs_per_task(config.get("merge", {}).get("epochs_per_task"),
                                     config.get("data", {}).get("epochs_per_task"))
@@ -286,6 +296,7 @@ def cli(args: Sequence[str] | None = None, run: bool = True) -> Any:
         "Also: `ham-lightning export --ckpt_path <run>/checkpoints/last.ckpt` (PEFT adapter + folded timm "
         "weights) and `ham-lightning compare runs/*` (table and plot from finished runs' results.json).")}
     argv = with_quickstart(argv)
+    load_plugins()  # packages that register merge rules, heads or readers (entry points "ham_lightning.plugins")
     held = len(_HELD)
     try:
         with known_noise_silenced():
