@@ -27,6 +27,7 @@ from ham_lightning.cli.config import (
     _ham_value,
     _plain,
     _show,
+    link_prefix_cut,
     wandb_offline,
     with_quickstart,
 )
@@ -168,6 +169,9 @@ class HAMLightningCLI(LightningCLI):
                 HAMConfig(**_plain(ham))
             except (TypeError, ValueError) as err:
                 self._error(subcommand, f"--model.ham: {err} Fix it in the config or with --model.ham.<option>.")
+        refused = link_prefix_cut(config)
+        if refused:
+            self._error(subcommand, refused)
         try:  # names of the registries: a typo fails here, not after the data set is read
             head = config.get("model", {}).get("head")
             if isinstance(head, str):

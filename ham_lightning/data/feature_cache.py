@@ -73,7 +73,8 @@ class PrefixCacheConfig:
     Args:
         backbone: timm model name (``create_backbone``'s); the datamodule's transforms follow it unless
             ``backbone`` is given to the datamodule too.
-        adapt_from: the point where the trainable top part starts (``"blocks.5"``); see `split_model`.
+        adapt_from: the point where the trainable top part starts (``"blocks.5"``); see `split_model`. Needed;
+            from the command line ``--model.ham.adapt_from`` sets it (the model's cut is the one owner).
         pretrained: load the backbone's pretrained weights (the packaged ones for ``tf_efficientnet_lite0-2``).
         checkpoint_path: weights from a local file instead (its sha256 is the weight tag).
         model_kwargs: more keyword arguments for `create_backbone` (e.g. a tiny ViT's ``depth``).
@@ -92,7 +93,7 @@ class PrefixCacheConfig:
     """
 
     backbone: str
-    adapt_from: str
+    adapt_from: str | None = None
     pretrained: bool = True
     checkpoint_path: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -119,7 +120,8 @@ class PrefixCacheConfig:
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"PrefixCacheConfig.dtype must be 'float16' or 'float32', got {self.dtype!r}.")
         object.__setattr__(self, "also_build", tuple(self.also_build))
-        for point in (self.adapt_from, *self.also_build):
+        points = (*([self.adapt_from] if self.adapt_from is not None else []), *self.also_build)
+        for point in points:
             if not isinstance(point, str) or not re.fullmatch(r"blocks\.\d+(\.\d+)?", point):
                 raise ValueError(f"PrefixCacheConfig: a point must look like 'blocks.5' or 'blocks.5.2', got "
                                  f"{point!r}.")

@@ -165,6 +165,21 @@ class HAMModule(LightningModule, TaskAware):
         self.task = task
 
     @override
+    def on_fit_start(self) -> None:
+        """A datamodule serving cached prefix activations must cut where the model does (``ham.adapt_from``)."""
+        from ham_lightning.core.prefix import canonical_point
+
+        cache = getattr(getattr(self.trainer, "datamodule", None), "prefix_cache", None)
+        cut = getattr(cache, "adapt_from", None)
+        own = self.ham_config.adapt_from
+        if cut is not None and (own is None or canonical_point(own) != canonical_point(cut)):
+            raise ValueError(
+                f"The datamodule caches activations cut at {cut!r} (prefix_cache.adapt_from) but the model adapts "
+                f"from {own!r} (ham.adapt_from): it would train on the wrong blocks. Set both to the same block "
+                "(from the command line --model.ham.adapt_from alone sets both)."
+            )
+
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints written before the controller owned the input subspace kept it under ``subspace.``."""
         state = checkpoint.get("state_dict", {})
