@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ham_lightning.disk import LockHeld, exclusive
 
 #: The marker of a folder in use by a run (holds the owner's process id while it runs).
 LOCK_NAME = ".ham-lightning.lock"
@@ -16,51 +19,49 @@ class RunFolderError(RuntimeError):
 
 
 class RunFolder:
-    """Exclusive use of ``path`` by this process: an advisory lock held until `release` (or the process's end).
+    """Exclusive use of ``path`` by this process: a lock held until `release` (or the process's end).
 
-    ``fcntl.flock`` locks go away with their process, even one killed by SIGKILL, so a killed run's folder can be
-    resumed at once; two processes can never both hold one. Without ``fcntl`` (Windows) only the content check
-    applies.
+    The lock (`ham_lightning.disk.exclusive`, the `filelock` package: Linux, macOS and Windows) goes away with its
+    process, even one killed by SIGKILL, so a killed run's folder can be resumed at once; two processes can never
+    both hold one. The owner's process id is written beside it, for the message another process gets.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file: Any = None
+        self._lock: Any = None
+
+    @property
+    def owner_file(self) -> Path:
+        return self.path / (LOCK_NAME + ".pid")
 
     def acquire(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        lock = open(self.path / LOCK_NAME, "a+")  # noqa: SIM115 (held open while the run lasts)
         try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
-        except OSError:
-            lock.seek(0)
-            owner = lock.read().strip() or "?"
-            lock.close()
+            lock = exclusive(self.path / LOCK_NAME)
+        except LockHeld:
+            try:
+                owner = self.owner_file.read_text().strip() or "?"
+            except OSError:
+                owner = "?"
             raise RunFolderError(
                 f"{self.path} is in use by another run (process {owner}). Wait for it to end, or choose another "
                 "--run_name."
             ) from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
-        self._file = lock
+        self.owner_file.write_text(str(os.getpid()))
+        self._lock = lock
 
     def others(self) -> list[str]:
         """What the folder holds besides the lock: another run's files."""
-        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK_NAME) if self.path.is_dir() else []
+        mine = (LOCK_NAME, self.owner_file.name)
+        return sorted(p.name for p in self.path.iterdir() if p.name not in mine) if self.path.is_dir() else []
 
     def release(self) -> None:
-        if self._file is not None:
-            try:
-                (self.path / LOCK_NAME).unlink(missing_ok=True)
-            finally:
-                self._file.close()  # closing the file drops the flock
-                self._file = None
+        if self._lock is not None:
+            for name in (self.owner_file, self.path / LOCK_NAME):  # while held: no other process is using them
+                with contextlib.suppress(OSError):  # Windows keeps a locked file
+                    name.unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
 
 
 #: Run folders held by the CLI calls in progress in this process (released when each call returns).

@@ -30,7 +30,6 @@ sampler generator sees the same views.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -38,7 +37,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +47,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ham_lightning.core.prefix import PREFIX_KEY, PrefixSplit, multi_prefix, split_model
+from ham_lightning.disk import atomic_file, locked
 
 from .image_store import ImageStore, fingerprint
 from .readers.base import SplitData
@@ -298,17 +298,6 @@ def cache_files(directory: str | os.PathLike[str], name: str, key: Mapping[str, 
     return CacheFiles(Path(directory).expanduser() / f"{safe}-{key_digest(key)}")
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def check_cache(files: CacheFiles, key: Mapping[str, Any], verify_checksum: bool = True) -> str | None:
     """Why the entry at ``files`` cannot be used for ``key`` (None: it can). Missing files and no manifest at all
     give ``"missing"``."""
@@ -358,7 +347,7 @@ def open_or_build(
     """
     with contextlib.ExitStack() as stack:
         for lock in sorted({files.lock for files, _ in entries}):
-            stack.enter_context(_locked(lock))
+            stack.enter_context(locked(lock))
         needed = []
         for i, (files, key) in enumerate(entries):
             reason = check_cache(files, key, verify_checksum)
@@ -373,15 +362,10 @@ def open_or_build(
                 stale.unlink(missing_ok=True)
             needed.append(i)
         if needed:
-            tmps = [entries[i][0].array.with_name(f"{entries[i][0].stem.name}.tmp-{os.getpid()}.npy") for i in needed]
             start = time.perf_counter()
-            try:
+            with contextlib.ExitStack() as writing:  # every array moved in place only once the build succeeded
+                tmps = [writing.enter_context(atomic_file(entries[i][0].array)) for i in needed]
                 results = build(needed, tmps)
-                for tmp, i in zip(tmps, needed):
-                    os.replace(tmp, entries[i][0].array)
-            finally:
-                for tmp in tmps:
-                    tmp.unlink(missing_ok=True)
             seconds = round(time.perf_counter() - start, 2)
             for i, (shape, dtype) in zip(needed, results):
                 files, key = entries[i]
@@ -391,9 +375,8 @@ def open_or_build(
                     "built_with": [str(entries[j][0].array.name) for j in needed],
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "info": dict(info or {}),
                 }
-                tmp_manifest = files.manifest.with_name(f"{files.manifest.name}.tmp-{os.getpid()}")
-                tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
-                os.replace(tmp_manifest, files.manifest)
+                with atomic_file(files.manifest) as tmp_manifest:
+                    tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
         return [np.load(files.array, mmap_mode="r", allow_pickle=False) for files, _ in entries]
 
 
