@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ham_lightning.core.registry import HEADS
 
-__all__ = ["Head", "HeadFactory", "create_head", "is_statistics_head", "list_heads", "mark_task", "register_head"]
+__all__ = ["Head", "HeadFactory", "StatisticsHead", "create_head", "is_statistics_head", "list_heads", "mark_task", "register_head"]
 
 
 def mark_task(current: Tensor, seen: Tensor, classes: Sequence[int]) -> None:
@@ -73,6 +73,22 @@ class Head(nn.Module):
     def eval_logits(self, logits: Tensor) -> Tensor:
         """Logits masked to every class seen so far (task-agnostic evaluation)."""
         return logits.masked_fill(~self.seen, float("-inf"))
+
+
+class StatisticsHead(Head):
+    """A head fitted in closed form from class statistics of the features, accumulated task by task.
+
+    It never forgets by construction: a finished task's statistics are sums that later tasks only add to.
+    ``update(features, labels)`` accumulates one batch; ``fit()`` solves the head from everything accumulated.
+    The features of a finished task were taken under the backbone of that time (see docs/method.md on drift).
+    """
+
+    #: It needs a statistics pass over each task's training data (features in eval mode) after the merge.
+    needs_statistics = True
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__(num_classes)
+        self.in_features, self.num_classes = in_features, num_classes
 
 
 def is_statistics_head(head: nn.Module) -> bool:
