@@ -29,7 +29,7 @@ def config_file(tmp_path: Path, cache: dict) -> str:
 
 
 def test_the_model_cut_sets_the_cache_cut(tmp_path: Path) -> None:
-    built = cli([*[a for a in TINY if "prefix_cache" not in a and "adapt_from" not in a],
+    built = cli([*[a for a in TINY if not any(k in a for k in ("prefix_cache", "adapt_from", "head_kwargs"))],
                  "--config", config_file(tmp_path, {}), "--model.ham.adapt_from=blocks.1",
                  f"--runs_dir={tmp_path / 'runs'}"], run=False)
     assert built.datamodule.prefix_cache.adapt_from == "blocks.1"
@@ -45,7 +45,7 @@ def test_the_model_cut_sets_the_cache_cut(tmp_path: Path) -> None:
 ])
 def test_two_different_cuts_are_refused_naming_both(model_cut: str | None, cache_cut: str | None, shown: str,
                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = [a for a in TINY if "prefix_cache" not in a and "adapt_from" not in a]
+    args = [a for a in TINY if not any(k in a for k in ("prefix_cache", "adapt_from", "head_kwargs"))]
     with pytest.raises(SystemExit):
         cli([*args, "--config", config_file(tmp_path, {"adapt_from": cache_cut} if cache_cut else {}),
              f"--model.ham.adapt_from={model_cut or 'null'}", f"--runs_dir={tmp_path / 'runs'}"], run=False)
