@@ -161,8 +161,6 @@ class HAMModule(LightningModule):
         self.head.start_task(classes)
         if self.loss_head is not None:
             self.loss_head.start_task(classes)
-        if self.subspace is not None:
-            self.subspace.project_()  # the fresh adapter starts off the old tasks' subspace
         if self.ham is not None and self.ham.router is not None:
             self.observe_task()
 
@@ -193,6 +191,8 @@ class HAMModule(LightningModule):
         """After the boundary's merge: the statistics pass, so the head sees the features it will be used on."""
         if is_statistics_head(self.head) or self.subspace is not None:
             self.task_statistics_pass()
+        if self.subspace is not None:
+            self.subspace.project_()  # the fresh adapter starts off the old tasks' subspace
 
     @torch.no_grad()
     def task_statistics_pass(self, loader: Any = None) -> None:
