@@ -340,6 +340,35 @@ def check_cache(files: CacheFiles, key: Mapping[str, Any], verify_checksum: bool
     return None
 
 
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files (``<stem>.tmp-<pid>.npy``, ``<stem>.json.tmp-<pid>``) that killed builds left in
+    ``directory``: those of entries no build holds the lock of (a build holds it from start to end, so a file it
+    is writing is never touched, whichever process or machine runs it). The paths deleted."""
+    removed: list[Path] = []
+    stems: dict[str, list[Path]] = {}
+    for tmp in directory.glob("*.tmp-*"):
+        match = re.match(r"(.+?)(?:\.json)?\.tmp-\d+(?:\.npy)?$", tmp.name)
+        if match:
+            stems.setdefault(match.group(1), []).append(tmp)
+    for stem, files in sorted(stems.items()):
+        try:
+            handle = open(directory / f"{stem}.lock", "a")  # noqa: SIM115 (closed below)
+        except OSError:
+            continue  # a read-only cache folder: nothing can be deleted anyway
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a build of this entry is running
+            try:
+                for tmp in files:
+                    tmp.unlink(missing_ok=True)
+                    removed.append(tmp)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    return removed
+
+
 def open_or_build(
     entries: list[tuple[CacheFiles, Mapping[str, Any]]],
     build: Callable[[list[int], list[Path]], list[tuple[tuple[int, ...], str]]],
@@ -354,6 +383,9 @@ def open_or_build(
     concurrent build never leaves a half-written entry that looks complete. ``info`` goes into the manifests
     (not the keys): what a reader of the folder wants to know.
     """
+    for directory in sorted({files.array.parent for files, _ in entries}):
+        if directory.is_dir():
+            remove_stale_temporaries(directory)
     with contextlib.ExitStack() as stack:
         for lock in sorted({files.lock for files, _ in entries}):
             stack.enter_context(_locked(lock))
@@ -612,6 +644,7 @@ __all__ = [
     "key_digest",
     "open_or_build",
     "prefix_cache_key",
+    "remove_stale_temporaries",
     "split_features",
     "split_identity",
     "view_input",
