@@ -38,6 +38,7 @@ from ham_lightning.cli.runs import _HELD, RunFolder, RunFolderError, claim_new_r
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.data import ClassIncrementalDataModule
 from ham_lightning.lightning.callback import HierarchicalMergeCallback
+from ham_lightning.lightning.checkpoint_io import previous_path, resume_checkpoint, set_aside
 from ham_lightning.lightning.module import HAMModule
 from ham_lightning.lightning.progress import TaskProgressBar
 from ham_lightning.lightning.results import RunResults, TaskLines, TestResults
@@ -52,6 +53,8 @@ class HAMLightningCLI(LightningCLI):
 
     run_dir: Path | None = None
     resuming: bool = False
+    #: A damaged ``--ckpt_path`` whose predecessor the resume loads instead (set aside once the folder is held).
+    _damaged_checkpoint: Path | None = None
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -83,11 +86,20 @@ class HAMLightningCLI(LightningCLI):
         if not ckpt_path:
             return
         path = Path(ckpt_path)
-        if not path.is_file():
+        if not path.is_file() and not previous_path(path).is_file():
             folder = resumed_run_folder(path)
-            hint = (" That run stopped before its first epoch ended, so it has no checkpoint: start it again."
+            hint = (" That run stopped before its first checkpoint, so there is nothing to resume: start it again "
+                    "with the command that started it (the same --run_name reuses its folder)."
                     if folder is not None and folder.is_dir() else "")
             self._error(subcommand, f"--ckpt_path {ckpt_path}: no such file.{hint}")
+        usable, problem = resume_checkpoint(path)
+        if problem is not None and usable == path:
+            self._error(subcommand, f"--ckpt_path {ckpt_path}: {problem} Start the run again (a new --run_name).")
+        if usable != path:
+            print(f"ham-lightning: {problem}", file=sys.stderr)
+            self._damaged_checkpoint = path  # moved aside once this process owns the run folder
+            config["ckpt_path"] = ckpt_path = str(usable)
+            path = usable
         import torch
 
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -124,6 +136,8 @@ class HAMLightningCLI(LightningCLI):
                 assert folder_of_ckpt is not None
                 folder = RunFolder(folder_of_ckpt)
                 folder.acquire()
+                if self._damaged_checkpoint is not None:
+                    set_aside(self._damaged_checkpoint)  # so the next save keeps the whole predecessor as last.prev.ckpt
             elif subcommand != "fit" and run_of_ckpt is not None and run_name in (None, run_of_ckpt.name):
                 # test / validate / predict on a run's checkpoint: beside the run, in <run>/<command>[-k], whatever
                 # run name the run's own config.yaml holds (a --run_name of another name still gets its folder).
