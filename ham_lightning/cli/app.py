@@ -3,6 +3,9 @@ checkpoints and task schedule wired in), `cli` for tests and notebooks, and `mai
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -38,7 +41,13 @@ from ham_lightning.cli.runs import _HELD, RunFolder, RunFolderError, claim_new_r
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.data import ClassIncrementalDataModule
 from ham_lightning.lightning.callback import HierarchicalMergeCallback
-from ham_lightning.lightning.checkpoint_io import previous_path, resume_checkpoint, set_aside
+from ham_lightning.lightning.checkpoint_io import (
+    CheckpointWriteError,
+    free_bytes,
+    previous_path,
+    resume_checkpoint,
+    set_aside,
+)
 from ham_lightning.lightning.module import HAMModule
 from ham_lightning.lightning.progress import TaskProgressBar
 from ham_lightning.lightning.results import RunResults, TaskLines, TestResults
@@ -253,14 +262,22 @@ class HAMLightningCLI(LightningCLI):
     @override
     def _run_subcommand(self, subcommand: str) -> None:
         finished = False
+        failed_write: OSError | None = None
         try:
             if subcommand == "predict":
                 self.predict()
             else:
                 super()._run_subcommand(subcommand)
             finished = True
+        except BaseException as err:
+            failed_write = write_failure(err)
+            if failed_write is not None and self.run_dir is not None:
+                last = self.run_dir / "checkpoints" / "last.ckpt"
+                if last.is_file() or previous_path(last).is_file():
+                    failed_write.resume_command = self.resume_command()  # type: ignore[attr-defined]
+            raise
         finally:
-            self._finish_wandb(finished)
+            self._finish_wandb(finished, quiet=failed_write is not None)
             self.release()
 
     def predict(self) -> Path:
@@ -268,14 +285,28 @@ class HAMLightningCLI(LightningCLI):
         image of ``--predict_path`` (or of every task's test split), written to ``<run>/predictions.csv``."""
         return write_predictions(self)
 
-    def _finish_wandb(self, finished: bool) -> None:
+    def _finish_wandb(self, finished: bool, quiet: bool = False) -> None:
         """Close this command's W&B run (flushed to disk offline), so the next command in the process gets its
-        own: Lightning's WandbLogger would otherwise reuse the run left open."""
+        own: Lightning's WandbLogger would otherwise reuse the run left open. ``quiet`` (after a failed write, the
+        disk likely full): W&B's own failures to write are neither printed nor raised, so the one error that
+        stopped the run is what the user sees."""
+        import logging
+
         from lightning.pytorch.loggers import WandbLogger
 
+        if quiet:
+            logging.getLogger("wandb").setLevel(logging.CRITICAL)
         for logger in getattr(getattr(self, "trainer", None), "loggers", []):
             if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
-                logger._experiment.finish(exit_code=0 if finished else 1)
+                if not quiet:
+                    logger._experiment.finish(exit_code=0 if finished else 1)
+                    continue
+                with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+                        contextlib.redirect_stderr(devnull):
+                    try:
+                        logger._experiment.finish(exit_code=1)
+                    except Exception:  # noqa: S110 (the write failure that stopped the run is reported instead)
+                        pass
 
     def release(self) -> None:
         """Give the run folder up (the end of the subcommand; the process's end does it too)."""
@@ -317,6 +348,41 @@ def cli(args: Sequence[str] | None = None, run: bool = True) -> Any:
             _HELD.pop().release()
 
 
+#: What a failed write looks like: a full disk or quota, a read-only filesystem.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def write_failure(err: BaseException) -> OSError | None:
+    """The failed write behind ``err`` (itself or what it was raised from): a `CheckpointWriteError`, or an
+    `OSError` of a full disk or a read-only filesystem; None for anything else."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, CheckpointWriteError) or (
+                isinstance(current, OSError) and current.errno in _WRITE_ERRNOS):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def write_failure_message(err: OSError) -> str:
+    """One line: what could not be written, why, the free space there, and how to go on."""
+    if isinstance(err, CheckpointWriteError):
+        message = str(err)
+    else:
+        path = Path(str(err.filename)) if err.filename else None
+        message = f"Cannot write {path or 'a file'}: {err.strerror or err}"
+        if path is not None and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            folder = next((p for p in (path, *path.parents) if p.is_dir()), None)
+            free = free_bytes(folder) if folder is not None else None
+            if free is not None:
+                message += f" ({folder} has {free / 1e6:,.1f} MB free); free some space there"
+        message += "."
+    resume = getattr(err, "resume_command", None)
+    return message + (f" Then resume with: {resume}" if resume else " Then start the run again.")
+
+
 def main() -> None:
     """Entry point of the ``ham-lightning`` command."""
     argv, sys.argv[1:] = sys.argv[1:], []  # handed over as args (LightningCLI warns when both are set)
@@ -324,3 +390,9 @@ def main() -> None:
         cli(argv)
     except SIGTERMException:
         sys.exit(SIGTERM_EXIT)  # stopped, not finished: a scheduler must not take it for a success
+    except Exception as err:
+        failed = write_failure(err)
+        if failed is None:
+            raise
+        print(f"ham-lightning: error: {write_failure_message(failed)}", file=sys.stderr)
+        sys.exit(1)

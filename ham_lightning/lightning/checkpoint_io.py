@@ -115,22 +115,30 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | memoryview, keep_pr
 
     The bytes go to ``.<name>.tmp-<pid>`` in ``path``'s folder (the same filesystem, so the rename is atomic),
     are fsynced, and the temporary file is renamed over ``path``; then the folder is fsynced. With
-    ``keep_previous`` the old ``path`` stays as `previous_path` (a hard link, so no copy and no extra space;
-    renamed where hard links are not supported). Raises `CheckpointWriteError` before touching anything when the
+    ``keep_previous`` the old ``path`` then stays as `previous_path` (a hard link, so no copy and no extra space;
+    renamed where hard links are not supported); the older predecessor is deleted before the write. Raises `CheckpointWriteError` before touching anything when the
     folder has less free space than ``data`` needs, and when a write fails.
     """
     path = Path(path)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     view = memoryview(data).cast("B")
+    previous = previous_path(path)
+    _remove_dead_temporaries(folder, path.name, previous.name)
+    # The predecessor of `path` is dropped before the new file is written (`path` itself stays whole meanwhile),
+    # so a run folder needs room for two checkpoints, not three.
+    drop = keep_previous and path.is_file() and previous.is_file() and previous.stat().st_nlink == 1
+    reclaimable = previous.stat().st_size if drop else 0
     free = free_bytes(folder)
-    if free is not None and free < len(view) + MARGIN:
+    if free is not None and free + reclaimable < len(view) + MARGIN:
         raise CheckpointWriteError(
             errno.ENOSPC,
             f"Cannot write the checkpoint {path}: it needs {_human(len(view))} and {folder} has "
-            f"{_human(free)} free (no space left on device). Free at least {_human(len(view) + MARGIN - free)} "
-            "there; the checkpoints already written are whole.", str(path))
-    _remove_dead_temporaries(folder, path.name, previous_path(path).name)
+            f"{_human(free + reclaimable)} free (no space left on device). Free at least "
+            f"{_human(len(view) + MARGIN - free - reclaimable)} there; the checkpoints already written are whole.",
+            str(path))
+    if drop:
+        previous.unlink()
     tmp = folder / f".{path.name}.tmp-{os.getpid()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -140,7 +148,6 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | memoryview, keep_pr
         finally:
             os.close(fd)
         if keep_previous and path.is_file():
-            previous = previous_path(path)
             link = folder / f".{previous.name}.tmp-{os.getpid()}"
             link.unlink(missing_ok=True)
             try:
