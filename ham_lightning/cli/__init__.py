@@ -32,12 +32,19 @@ from ham_lightning.cli.config import (
 from ham_lightning.cli.export import export_checkpoint, export_main
 from ham_lightning.cli.predict import write_predictions
 from ham_lightning.cli.resume import RESUME_MAY_CHANGE, RESUME_TRAINER_KEYS, contradictions
-from ham_lightning.cli.runs import LOCK_NAME, RunFolder, RunFolderError, claim_new_run, resumed_run_folder
+from ham_lightning.cli.runs import (
+    LOCK_NAME,
+    RunFolder,
+    RunFolderError,
+    claim_new_run,
+    never_started,
+    resumed_run_folder,
+)
 from ham_lightning.lightning.sequence import resolve_epochs_per_task
 
 __all__ = [
     "CHECKPOINT_KEY", "LOCK_NAME", "QUICKSTART_CONFIG", "RESUME_MAY_CHANGE", "RESUME_TRAINER_KEYS", "SIGTERM_EXIT",
     "TRAINER_DEFAULTS", "HAMLightningCLI", "RunConfig", "RunFolder", "RunFolderError", "SequenceCheckpoint", "claim_new_run",
-    "cli", "compare_main", "contradictions", "export_checkpoint", "export_main", "main", "resolve_epochs_per_task",
+    "cli", "compare_main", "contradictions", "export_checkpoint", "export_main", "main", "never_started", "resolve_epochs_per_task",
     "resumed_run_folder", "wandb_offline", "with_quickstart", "write_predictions",
 ]

@@ -37,7 +37,14 @@ from ham_lightning.cli.export import export_main
 from ham_lightning.cli.noise import drop_wandb_anonymous, known_noise_silenced
 from ham_lightning.cli.predict import write_predictions
 from ham_lightning.cli.resume import contradictions
-from ham_lightning.cli.runs import _HELD, RunFolder, RunFolderError, claim_new_run, resumed_run_folder
+from ham_lightning.cli.runs import (
+    _HELD,
+    RunFolder,
+    RunFolderError,
+    claim_new_run,
+    never_started,
+    resumed_run_folder,
+)
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.data import ClassIncrementalDataModule
 from ham_lightning.lightning.callback import HierarchicalMergeCallback
@@ -157,7 +164,11 @@ class HAMLightningCLI(LightningCLI):
             else:
                 stamp = time.strftime("%Y%m%d-%H%M%S")
                 default = f"{benchmark}-{stamp}" if subcommand == "fit" else f"{benchmark}-{subcommand}-{stamp}"
-                folder = claim_new_run(Path(config["runs_dir"]), config.get("run_name"), default)
+                folder = claim_new_run(Path(config["runs_dir"]), config.get("run_name"), default,
+                                       reuse_unstarted=subcommand == "fit")
+                if folder.reused:
+                    print(f"ham-lightning: {folder.path} holds a run that stopped before its first checkpoint "
+                          f"({', '.join(folder.others())}): starting it again there.", file=sys.stderr)
         except RunFolderError as err:
             self._error(subcommand, str(err))
         _HELD.append(folder)
@@ -331,6 +342,7 @@ def cli(args: Sequence[str] | None = None, run: bool = True) -> Any:
         "Also: `ham-lightning export --ckpt_path <run>/checkpoints/last.ckpt` (PEFT adapter + folded timm "
         "weights) and `ham-lightning compare runs/*` (table and plot from finished runs' results.json).")}
     argv = with_quickstart(argv)
+    _refuse_resuming_an_unstarted_run(argv)
     held = len(_HELD)
     try:
         with known_noise_silenced():
@@ -381,6 +393,25 @@ def write_failure_message(err: OSError) -> str:
         message += "."
     resume = getattr(err, "resume_command", None)
     return message + (f" Then resume with: {resume}" if resume else " Then start the run again.")
+
+
+def _refuse_resuming_an_unstarted_run(argv: list[str]) -> None:
+    """The README's resume command on a run that stopped before its first checkpoint (no ``config.yaml`` yet, so
+    the parser would only say the file does not exist): say what happened and what to run instead."""
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--ckpt_path"]
+    values += [a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")]
+    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for value in values:
+        path = Path(value)
+        folder = resumed_run_folder(path)
+        if (folder is None or path.is_file() or previous_path(path).is_file() or not never_started(folder)
+                or all(Path(c).is_file() for c in configs)):
+            continue
+        print(f"ham-lightning: error: {folder} holds a run that stopped before its first checkpoint, so there is "
+              "nothing to resume: start it again with the command that started it (the same --run_name reuses "
+              "the folder).", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def main() -> None:
