@@ -379,3 +379,38 @@ def test_baseline_under_the_quick_start_settings_crashed_resumes_bit_for_bit(
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "results.json").exists()
     cli(["fit", *_resume_args(run)])
     _assert_same_run_and_results(run, tmp_path / "runs" / "reference")
+
+
+def test_a_full_disk_stops_the_run_with_one_line_naming_the_file_and_keeps_the_earlier_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+        quick: dict[str, Path]) -> None:
+    """The run folder on a tmpfs with room for one checkpoint and a half (W&B and CSV logging on): the start
+    checkpoint is written, the first epoch's cannot be. One error line, exit 1, no traceback, last.ckpt whole."""
+    from helpers import mounted_tmpfs, offline_wandb, unmount
+
+    from ham_lightning.cli import main
+
+    size = (quick["reference"] / "checkpoints" / "last.ckpt").stat().st_size
+    mount = mounted_tmpfs(tmp_path / "mnt", f"{size * 3 // 2 // 2**20}m")
+    try:
+        offline_wandb(monkeypatch, tmp_path)
+        monkeypatch.delenv("WANDB_SILENT")  # what a user sees
+        run = mount / "runs" / "full"
+        monkeypatch.setattr(sys, "argv", ["ham-lightning", "fit",
+                                          *quick_args(quick["cache"], mount / "runs", "full", logger=True)])
+        capfd.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        out, err = capfd.readouterr()
+        assert exit_info.value.code == 1
+        assert "Traceback" not in out + err
+        errors = [line for line in (out + err).splitlines() if "error" in line.lower()]
+        assert len(errors) == 1, errors
+        assert errors[0].startswith(f"ham-lightning: error: Cannot write the checkpoint {run}/checkpoints/last.ckpt:")
+        assert "no space left on device" in errors[0] and "Free at least" in errors[0]
+        assert f"--ckpt_path {run}/checkpoints/last.ckpt" in errors[0]  # how to go on
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # the earlier one, whole
+        assert ckpt["ham_lightning_cli"]["saved_at"] == "start"
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    finally:
+        unmount(mount)

@@ -305,19 +305,22 @@ class HAMLightningCLI(LightningCLI):
 
         from lightning.pytorch.loggers import WandbLogger
 
-        if quiet:
-            logging.getLogger("wandb").setLevel(logging.CRITICAL)
+        wandb_log = logging.getLogger("wandb")
+        level = wandb_log.level
         for logger in getattr(getattr(self, "trainer", None), "loggers", []):
             if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
                 if not quiet:
                     logger._experiment.finish(exit_code=0 if finished else 1)
                     continue
+                wandb_log.setLevel(logging.CRITICAL)
                 with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
                         contextlib.redirect_stderr(devnull):
                     try:
                         logger._experiment.finish(exit_code=1)
                     except Exception:  # noqa: S110 (the write failure that stopped the run is reported instead)
                         pass
+                    finally:
+                        wandb_log.setLevel(level)
 
     def release(self) -> None:
         """Give the run folder up (the end of the subcommand; the process's end does it too)."""
