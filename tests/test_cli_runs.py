@@ -4,6 +4,7 @@ settings are refused before anything is built, with the fix on the last line."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -198,3 +199,22 @@ def test_sigterm_in_the_first_epoch_exits_non_zero_and_resumes_bit_for_bit(tmp_p
     cli(["fit", *_resume_args(run)])
     cli(["fit", "--config", str(config), "--run_name=reference"])
     _assert_same_run(run, tmp_path / "runs" / "reference")
+
+
+def test_wandb_and_matplotlib_are_pointed_at_the_run_folder_and_the_project_cache_unless_the_user_chose(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ham_lightning.cli import tool_dirs
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "MPLCONFIGDIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tool_dirs, "_SET_HERE", {})
+    cache = tmp_path / "home" / ".cache" / "ham_lightning"
+    assert tool_dirs.point_wandb(tmp_path / "runs" / "a") == {
+        "WANDB_DATA_DIR": str(tmp_path / "runs" / "a" / "wandb" / "data"), "WANDB_CACHE_DIR": str(cache / "wandb")}
+    assert tool_dirs.point_matplotlib() == {"MPLCONFIGDIR": str(cache / "matplotlib")}
+    # The next run in the same process gets its own folder; a value the user set is kept.
+    monkeypatch.setenv("WANDB_CACHE_DIR", "/mine")
+    assert tool_dirs.point_wandb(tmp_path / "runs" / "b") == {
+        "WANDB_DATA_DIR": str(tmp_path / "runs" / "b" / "wandb" / "data")}
+    assert os.environ["WANDB_CACHE_DIR"] == "/mine"

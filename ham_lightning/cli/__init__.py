@@ -15,9 +15,13 @@ one way to continue one, with the settings it started with.
 
 One module per concern: `app` (the LightningCLI subclass, `cli`, `main`), `runs` (run folders and their locks),
 `checkpoint` (``last.ckpt``), `resume` (what a resume may change), `config` (defaults, quick start, option help,
-``config.yaml``), `predict`, `export`, `compare`, `noise` (known-harmless third-party messages silenced while a
-command runs).
+``config.yaml``), `tool_dirs` (where W&B and matplotlib write), `predict`, `export`, `compare`, `noise`
+(known-harmless third-party messages silenced while a command runs).
 """
+
+from ham_lightning.cli.tool_dirs import point_matplotlib
+
+point_matplotlib()  # before anything imports Lightning, which imports matplotlib
 
 from ham_lightning.cli.app import SIGTERM_EXIT, HAMLightningCLI, cli, main
 from ham_lightning.cli.checkpoint import CHECKPOINT_KEY, SequenceCheckpoint

@@ -45,6 +45,7 @@ from ham_lightning.cli.runs import (
     never_started,
     resumed_run_folder,
 )
+from ham_lightning.cli.tool_dirs import point_wandb
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.data import ClassIncrementalDataModule
 from ham_lightning.lightning.callback import HierarchicalMergeCallback
@@ -175,6 +176,7 @@ class HAMLightningCLI(LightningCLI):
         self.run_folder = folder
         self.run_dir = run_dir = folder.path
         self.benchmark = benchmark
+        point_wandb(run_dir)
         trainer = config["trainer"]
         trainer["default_root_dir"] = str(run_dir)
         method = _ham_value(config, "method") or "ham"

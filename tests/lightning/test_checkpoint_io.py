@@ -28,7 +28,6 @@ from ham_lightning.lightning.checkpoint_io import (
     previous_path,
     resume_checkpoint,
     set_aside,
-    write_atomic,
 )
 
 
