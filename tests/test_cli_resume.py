@@ -355,11 +355,11 @@ class Crash(Callback):
             raise RuntimeError("crash")
 
 
-@pytest.mark.parametrize(("method", "crash"), [
-    ("seq_lora", {"epoch": 3, "batch": 1}),  # mid-task, mid-epoch
-    ("merge_sum", {"epoch": 3, "hook": "epoch_end"}),  # at a boundary, before its merge and checkpoint
-    ("merge_average", {"epoch": 4, "batch": 0}),  # just after a boundary's checkpoint
-    ("merge_ties", {"epoch": 5, "batch": 0}),  # mid-task, from a mid-task checkpoint
+@pytest.mark.parametrize(("method", "crash"), [  # 2 tasks x 2 epochs: epochs 0-3, a boundary after 1 and 3
+    ("seq_lora", {"epoch": 1, "batch": 1}),  # mid-task, mid-epoch
+    ("merge_sum", {"epoch": 1, "hook": "epoch_end"}),  # at a boundary, before its merge and checkpoint
+    ("merge_average", {"epoch": 2, "batch": 0}),  # just after a boundary's checkpoint
+    ("merge_ties", {"epoch": 3, "batch": 0}),  # mid-task, from a mid-task checkpoint after a merge
 ])
 def test_baseline_under_the_quick_start_settings_crashed_resumes_bit_for_bit(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quick: dict[str, Path], method: str, crash: dict) -> None:
@@ -369,7 +369,7 @@ def test_baseline_under_the_quick_start_settings_crashed_resumes_bit_for_bit(
 
     monkeypatch.chdir(tmp_path)
     method_args = [f"--model.ham.method={method}", "--model.ham.max_groups=1", "--model.ham.train_importance=false",
-                   "--model.ham.train_group_scalars=false"]
+                   "--model.ham.train_group_scalars=false", "--data.num_tasks=2"]
     cli(["fit", *quick_args(quick["cache"], tmp_path / "runs", "reference"), *method_args])
     spec = {"class_path": "test_cli_resume.Crash", "init_args": crash}
     with pytest.raises(RuntimeError, match="crash"):
