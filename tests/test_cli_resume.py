@@ -381,34 +381,75 @@ def test_baseline_under_the_quick_start_settings_crashed_resumes_bit_for_bit(
     _assert_same_run_and_results(run, tmp_path / "runs" / "reference")
 
 
+class FillDisk(Callback):
+    """At the start of epoch ``epoch``, fills the filesystem of ``path`` (a file there) until ``leave`` bytes are
+    free: another program filling the disk while the run trains."""
+
+    def __init__(self, path: str, leave: int, epoch: int = 0) -> None:
+        self.path, self.leave, self.epoch = path, leave, epoch
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            fill(Path(self.path), self.leave)
+
+
+def fill(path: Path, leave: int) -> None:
+    """Allocate a file at ``path`` so that ``leave`` bytes stay free on its filesystem."""
+    size = shutil.disk_usage(path.parent).free - leave
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.posix_fallocate(fd, 0, max(size, 1))
+    finally:
+        os.close(fd)
+
+
+def _one_error_line(out: str, err: str) -> str:
+    assert "Traceback" not in out + err
+    errors = [line for line in (out + err).splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
 def test_a_full_disk_stops_the_run_with_one_line_naming_the_file_and_keeps_the_earlier_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
         quick: dict[str, Path]) -> None:
-    """The run folder on a tmpfs with room for one checkpoint and a half (W&B and CSV logging on): the start
-    checkpoint is written, the first epoch's cannot be. One error line, exit 1, no traceback, last.ckpt whole."""
+    """The run folder on a small tmpfs, W&B and CSV logging on. Too little room for two checkpoints: refused before
+    the data is set up. Room, then the disk filled by another program after the start checkpoint: the next
+    checkpoint cannot be written. Each time one error line naming the file, exit 1, no traceback; last.ckpt whole."""
     from helpers import mounted_tmpfs, offline_wandb, unmount
 
     from ham_lightning.cli import main
 
     size = (quick["reference"] / "checkpoints" / "last.ckpt").stat().st_size
-    mount = mounted_tmpfs(tmp_path / "mnt", f"{size * 3 // 2 // 2**20}m")
+    mount = mounted_tmpfs(tmp_path / "mnt", f"{size * 5 // 2 // 2**20}m")
     try:
         offline_wandb(monkeypatch, tmp_path)
         monkeypatch.delenv("WANDB_SILENT")  # what a user sees
+
+        def run_main(name: str, *extra: str) -> tuple[int, str]:
+            monkeypatch.setattr(sys, "argv", ["ham-lightning", "fit", *extra,
+                                              *quick_args(quick["cache"], mount / "runs", name, logger=True)])
+            capfd.readouterr()
+            with pytest.raises(SystemExit) as exit_info:
+                main()
+            return exit_info.value.code, _one_error_line(*capfd.readouterr())
+
+        fill(mount / "filler", size * 3 // 2)
+        status, line = run_main("small")
+        checkpoints = mount / "runs" / "small" / "checkpoints"
+        assert status == 1 and line.startswith(f"ham-lightning: error: Cannot write the checkpoints {checkpoints}/"
+                                               "last.ckpt: this run's need at least")
+        assert "Free at least" in line and not (checkpoints / "last.ckpt").exists()
+        (mount / "filler").unlink()
+
+        spec = {"class_path": "test_cli_resume.FillDisk", "init_args": {"path": str(mount / "filler"),
+                                                                         "leave": size // 2}}
+        status, line = run_main("full", "--trainer.callbacks=" + json.dumps([spec]))
         run = mount / "runs" / "full"
-        monkeypatch.setattr(sys, "argv", ["ham-lightning", "fit",
-                                          *quick_args(quick["cache"], mount / "runs", "full", logger=True)])
-        capfd.readouterr()
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        out, err = capfd.readouterr()
-        assert exit_info.value.code == 1
-        assert "Traceback" not in out + err
-        errors = [line for line in (out + err).splitlines() if "error" in line.lower()]
-        assert len(errors) == 1, errors
-        assert errors[0].startswith(f"ham-lightning: error: Cannot write the checkpoint {run}/checkpoints/last.ckpt:")
-        assert "no space left on device" in errors[0] and "Free at least" in errors[0]
-        assert f"--ckpt_path {run}/checkpoints/last.ckpt" in errors[0]  # how to go on
+        assert status == 1
+        assert line.startswith(f"ham-lightning: error: Cannot write the checkpoint {run}/checkpoints/last.ckpt:")
+        assert "no space left on device" in line and "Free at least" in line
+        assert f"--ckpt_path {run}/checkpoints/last.ckpt" in line  # how to go on
         ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # the earlier one, whole
         assert ckpt["ham_lightning_cli"]["saved_at"] == "start"
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]

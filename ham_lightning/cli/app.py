@@ -51,6 +51,8 @@ from ham_lightning.data import ClassIncrementalDataModule
 from ham_lightning.lightning.callback import HierarchicalMergeCallback
 from ham_lightning.lightning.checkpoint_io import (
     CheckpointWriteError,
+    check_room,
+    checkpoint_bytes,
     free_bytes,
     previous_path,
     resume_checkpoint,
@@ -93,8 +95,9 @@ class HAMLightningCLI(LightningCLI):
     # -- before anything is built -------------------------------------------------------------------------------
     @override
     def _parse_ckpt_path(self) -> None:
-        """Refuse a resume whose settings contradict the checkpoint's (Lightning would silently take the
-        checkpoint's model settings over the command line's)."""
+        """Check ``--ckpt_path``: a damaged checkpoint is replaced by its whole predecessor (``last.prev.ckpt``,
+        said on stderr), and a resume whose settings contradict the checkpoint's is refused (Lightning would
+        silently take the checkpoint's model settings over the command line's)."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -194,6 +197,13 @@ class HAMLightningCLI(LightningCLI):
                     args["offline"] = True
             elif "save_dir" in args:  # CSV, TensorBoard, MLflow (file store)...: inside the run folder
                 args["save_dir"] = str(run_dir)
+
+    @override
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self.subcommand == "fit" and self.run_dir is not None and self.model is not None:
+            # Before the data is set up (a prefix cache can take minutes): a folder too full for the checkpoints.
+            check_room(self.run_dir / "checkpoints" / "last.ckpt", checkpoint_bytes(self.model))
 
     def _check_config(self, subcommand: str | None, config: Any) -> None:
         """Settings that cannot work, refused before any model or data is built (the last line says the fix)."""

@@ -24,8 +24,8 @@ class SequenceCheckpoint(Checkpoint):
     merge and evaluation are in the file). Lightning's ``ModelCheckpoint(save_last=True, save_top_k=0)`` writes
     ``last.ckpt`` only with a top-k save, and skips epochs without an optimizer step (``ncm``), hence this one.
     Writes go through `AtomicCheckpointIO` (installed at setup): a temporary file in ``checkpoints/``, fsynced and
-    renamed over ``last.ckpt``, the file it replaces kept as ``last.prev.ckpt``; a kill at any byte leaves both
-    whole, on any filesystem. The file also holds the resolved CLI config, against which a resume is checked.
+    renamed over ``last.ckpt``, the file it replaces kept as ``last.prev.ckpt``; a kill at any byte leaves
+    ``last.ckpt`` whole (the old one), on any filesystem. The file also holds the resolved CLI config, against which a resume is checked.
     """
 
     def __init__(self, dirpath: str | Path, config: dict[str, Any] | None = None,

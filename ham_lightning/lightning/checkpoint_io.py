@@ -5,11 +5,12 @@ Lightning's `TorchCheckpointIO` writes through an fsspec transaction: the file i
 separate data disk), so a kill during that copy truncates ``last.ckpt``. `AtomicCheckpointIO` writes a temporary
 file next to the destination, flushes and fsyncs it, renames it over the destination (atomic within one folder)
 and fsyncs the folder. The file it replaces is kept as ``<stem>.prev<suffix>`` (``last.prev.ckpt``) until the
-next write, so a checkpoint damaged after it was written (a disk error, a copy cut short) still has a whole
+next write begins, so a checkpoint damaged after it was written (a disk error, a copy cut short) still has a whole
 predecessor, which `resume_checkpoint` falls back to, saying so.
 
 A write that cannot complete (disk full, a read-only folder) raises `CheckpointWriteError`, naming the file, the
-bytes it needs and the bytes free; the files already there are untouched.
+bytes it needs and the bytes free; ``last.ckpt`` is untouched. `check_room` refuses a run whose folder cannot
+hold its checkpoints before it starts (`checkpoint_bytes` estimates one).
 """
 
 from __future__ import annotations
@@ -166,6 +167,31 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | memoryview, keep_pr
             err.errno, f"Cannot write the checkpoint {path}: {err.strerror or err}{space}. The checkpoints already "
             "written are whole.", str(path)) from err
     _fsync_folder(folder)
+
+
+def checkpoint_bytes(module: torch.nn.Module) -> int:
+    """A lower bound of the bytes a training checkpoint of ``module`` takes: its ``state_dict``'s tensors (the
+    optimizer's state and Lightning's own entries come on top)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+
+
+def check_room(path: str | os.PathLike[str], size: int) -> None:
+    """Refuse (`CheckpointWriteError`) before a run starts when ``path``'s folder cannot hold the checkpoints of
+    ``size`` bytes that `write_atomic` keeps there: two (the last one and the one being written), less what the
+    files already there free."""
+    path = Path(path)
+    folder = next((p for p in (path.parent, *path.parents) if p.is_dir()), None)
+    free = free_bytes(folder) if folder is not None else None
+    if free is None:
+        return
+    there = sum(p.stat().st_size for p in (path, previous_path(path)) if p.is_file())
+    needed = max(size, 2 * size - there) + MARGIN
+    if free < needed:
+        raise CheckpointWriteError(
+            errno.ENOSPC,
+            f"Cannot write the checkpoints {path}: this run's need at least {_human(needed)} ({_human(size)} each, "
+            f"two at a time) and {folder} has {_human(free)} free (no space left on device). Free at least "
+            f"{_human(needed - free)} there, or choose another --runs_dir.", str(path))
 
 
 def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
