@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from ham_lightning.lightning.checkpoint_io import use_atomic_checkpoints
+from ham_lightning.lightning.checkpoint_io import previous_path, use_atomic_checkpoints
 
 #: Where the CLI keeps its own state in a Lightning checkpoint (the resolved config the run started with).
 CHECKPOINT_KEY = "ham_lightning_cli"
@@ -65,11 +65,13 @@ class SequenceCheckpoint(Checkpoint):
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             return
         what = "SIGTERM" if isinstance(exception, SIGTERMException) else "Interrupted"
-        if self.path.is_file():
-            rank_zero_info(f"{what}: the run stopped; {self.path} holds it {_checkpoint_point(self.path)}. "
+        saved = next((p for p in (self.path, previous_path(self.path)) if p.is_file()), None)
+        if saved is not None:  # last.prev.ckpt alone: a resume from it stopped before its first epoch ended
+            rank_zero_info(f"{what}: the run stopped; {saved} holds it {_checkpoint_point(saved)}. "
                            f"Resume with:\n  {self.resume_command}")
         else:
-            rank_zero_info(f"{what}: the run stopped before training started; nothing to resume (start it again).")
+            rank_zero_info(f"{what}: the run stopped before training started; nothing to resume (start it again "
+                           "with the same command: its folder is reused).")
 
 
 def _checkpoint_point(path: Path) -> str:
