@@ -29,6 +29,8 @@ class RunFolder:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock: Any = None
+        #: Whether `claim_new_run` took it over from a run that never reached its first checkpoint.
+        self.reused = False
 
     @property
     def owner_file(self) -> Path:
@@ -67,9 +69,29 @@ class RunFolder:
 #: Run folders held by the CLI calls in progress in this process (released when each call returns).
 _HELD: list[RunFolder] = []
 
+#: What a ``fit`` writes into its folder before its first checkpoint (loggers, the config, the checkpoint folder).
+UNSTARTED_FILES = frozenset({"csv", "wandb", "lightning_logs", "config.yaml", "checkpoints"})
 
-def claim_new_run(runs_dir: Path, run_name: str | None, default_name: str) -> RunFolder:
-    """A fresh folder for a new run: ``run_name`` if free, else refused; an automatic name gets ``-2``, ``-3``..."""
+
+def never_started(path: Path) -> bool:
+    """Whether ``path`` holds only what a ``fit`` that stopped before its first checkpoint leaves (a kill while
+    the prefix cache was built, a bad image found at setup): nothing to resume and no result, so the same
+    command and ``--run_name`` may start it again there."""
+    names = {p.name for p in path.iterdir() if p.name not in (LOCK_NAME, LOCK_NAME + ".pid")} if path.is_dir() else set()
+    if not names <= UNSTARTED_FILES:
+        return False
+    checkpoints = path / "checkpoints"
+    return not checkpoints.is_dir() or not any(p.suffix == ".ckpt" for p in checkpoints.iterdir())
+
+
+def claim_new_run(runs_dir: Path, run_name: str | None, default_name: str, reuse_unstarted: bool = False
+                  ) -> RunFolder:
+    """A fresh folder for a new run: ``run_name`` if free, else refused; an automatic name gets ``-2``, ``-3``...
+
+    With ``reuse_unstarted`` (``fit``), a ``run_name`` folder whose run never reached its first checkpoint
+    (`never_started`) is taken over, its leftovers kept (the loggers start new versions); ``folder.reused`` says
+    so.
+    """
     candidates: Iterator[str]
     if run_name:
         candidates = iter([run_name])
@@ -77,7 +99,8 @@ def claim_new_run(runs_dir: Path, run_name: str | None, default_name: str) -> Ru
         candidates = (default_name if k == 1 else f"{default_name}-{k}" for k in range(1, 1000))
     for name in candidates:
         folder = RunFolder(runs_dir / name)
-        if folder.others():
+        reusable = bool(run_name) and reuse_unstarted and never_started(folder.path)
+        if folder.others() and not reusable:
             if run_name:
                 _refuse_taken(folder)
             continue
@@ -87,11 +110,13 @@ def claim_new_run(runs_dir: Path, run_name: str | None, default_name: str) -> Ru
             if run_name:
                 raise
             continue
-        if folder.others():  # another run claimed and filled it between our check and our lock
+        # Another run may have claimed and filled it (or started training in it) between our check and our lock.
+        if folder.others() and not (reusable and never_started(folder.path)):
             folder.release()
             if run_name:
                 _refuse_taken(folder)
             continue
+        folder.reused = bool(folder.others())
         return folder
     raise RunFolderError(f"No free run folder named {default_name}[-k] under {runs_dir}.")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ham_lightning.disk import atomic_file, locked
+from ham_lightning.disk import LockHeld, atomic_file, exclusive, locked
 
 _HASH_CHUNK = 1 << 24
 
@@ -105,6 +105,32 @@ def check_cache(files: CacheFiles, key: Mapping[str, Any], verify_checksum: bool
     return None
 
 
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files (``<stem>.tmp-<pid>.npy``, ``<stem>.json.tmp-<pid>``) that killed builds left in
+    ``directory``: those of entries no build holds the lock of (a build holds it from start to end, so a file it
+    is writing is never touched, whichever process runs it). The paths deleted."""
+    removed: list[Path] = []
+    stems: dict[str, list[Path]] = {}
+    for tmp in directory.glob("*.tmp-*"):
+        match = re.match(r"(.+?)(?:\.json)?\.tmp-\d+(?:\.npy)?$", tmp.name)
+        if match:
+            stems.setdefault(match.group(1), []).append(tmp)
+    for stem, files in sorted(stems.items()):
+        try:
+            lock = exclusive(directory / f"{stem}.lock")
+        except LockHeld:
+            continue  # a build of this entry is running
+        except OSError:
+            continue  # a read-only cache folder: nothing can be deleted anyway
+        try:
+            for tmp in files:
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+        finally:
+            lock.release()
+    return removed
+
+
 def open_or_build(
     entries: list[tuple[CacheFiles, Mapping[str, Any]]],
     build: Callable[[list[int], list[Path]], list[tuple[tuple[int, ...], str]]],
@@ -119,6 +145,9 @@ def open_or_build(
     concurrent build never leaves a half-written entry that looks complete. ``info`` goes into the manifests
     (not the keys): what a reader of the folder wants to know.
     """
+    for directory in sorted({files.array.parent for files, _ in entries}):
+        if directory.is_dir():
+            remove_stale_temporaries(directory)
     with contextlib.ExitStack() as stack:
         for lock in sorted({files.lock for files, _ in entries}):
             stack.enter_context(locked(lock))

@@ -52,6 +52,7 @@ from .cache_entries import (
     file_sha256,
     key_digest,
     open_or_build,
+    remove_stale_temporaries,
 )
 from .cached_dataset import CachedFeatures, CachedTaskDataset, LazyImageStore, epoch_view
 from .image_store import ImageStore, fingerprint
@@ -383,6 +384,7 @@ __all__ = [
     "epoch_view",
     "key_digest",
     "open_or_build",
+    "remove_stale_temporaries",
     "prefix_cache_key",
     "split_features",
     "split_identity",

@@ -64,15 +64,25 @@ class HierarchicalMergeCallback(ContinualEvaluation):
                 "Pass the same HierarchicalMergeCallback instance to every task's Trainer (it holds the sequence's "
                 "state), or resume from a checkpoint that has both."
             )
-        super().on_fit_start(trainer, pl_module)
+        self._fit_starting = True
+        try:
+            super().on_fit_start(trainer, pl_module)
+        finally:
+            self._fit_starting = False
 
     @override
     def _start_task(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super()._start_task(trainer, pl_module)
-        if self._controller is not None:
-            self._controller.protect_()  # the fresh adapter starts off the old tasks' subspace
-            if self._controller.router is not None:
-                self.observe_task(trainer, pl_module)
+        controller = self._controller
+        if controller is None:
+            return
+        # A fit's start (a resume, or the next fit of a one-fit-per-task loop) starts the task again: the boundary
+        # already projected the fresh adapter and observed the task, and a second A(I-P) would change A's last
+        # bits (a resumed run would then differ from an uninterrupted one).
+        if not getattr(self, "_fit_starting", False) or controller.num_tasks_merged == 0:
+            controller.protect_()  # the fresh adapter starts off the old tasks' subspace
+        if controller.router is not None and not controller.router.has_task_statistics:
+            self.observe_task(trainer, pl_module)
 
     @torch.no_grad()
     def observe_task(self, trainer: Trainer, pl_module: LightningModule) -> list[float | None]:
