@@ -4,7 +4,6 @@ checkpoints and task schedule wired in), `cli` for tests and notebooks, and `mai
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import sys
 import time
@@ -35,27 +34,19 @@ from ham_lightning.cli.config import (
     with_quickstart,
 )
 from ham_lightning.cli.export import export_main
+from ham_lightning.cli.failures import refuse_resuming_an_unstarted_run, write_failure, write_failure_message
 from ham_lightning.cli.noise import drop_wandb_anonymous, known_noise_silenced
 from ham_lightning.cli.predict import write_predictions
 from ham_lightning.cli.resume import contradictions
-from ham_lightning.cli.runs import (
-    _HELD,
-    RunFolder,
-    RunFolderError,
-    claim_new_run,
-    never_started,
-    resumed_run_folder,
-)
+from ham_lightning.cli.runs import _HELD, RunFolder, RunFolderError, claim_new_run, resumed_run_folder
 from ham_lightning.cli.tool_dirs import point_wandb
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.registry import HEADS, load_plugins
 from ham_lightning.data import READERS, ClassIncrementalDataModule
 from ham_lightning.lightning.callback import HierarchicalMergeCallback
 from ham_lightning.lightning.checkpoint_io import (
-    CheckpointWriteError,
     check_room,
     checkpoint_bytes,
-    free_bytes,
     previous_path,
     resume_checkpoint,
     set_aside,
@@ -372,7 +363,7 @@ def cli(args: Sequence[str] | None = None, run: bool = True) -> Any:
         "weights) and `ham-lightning compare runs/*` (table and plot from finished runs' results.json).")}
     argv = with_quickstart(argv)
     load_plugins()  # packages that register merge rules, heads or readers (entry points "ham_lightning.plugins")
-    _refuse_resuming_an_unstarted_run(argv)
+    refuse_resuming_an_unstarted_run(argv)
     held = len(_HELD)
     try:
         with known_noise_silenced():
@@ -391,59 +382,6 @@ def cli(args: Sequence[str] | None = None, run: bool = True) -> Any:
 
 
 #: What a failed write looks like: a full disk or quota, a read-only filesystem.
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-def write_failure(err: BaseException) -> OSError | None:
-    """The failed write behind ``err`` (itself or what it was raised from): a `CheckpointWriteError`, or an
-    `OSError` of a full disk or a read-only filesystem; None for anything else."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, CheckpointWriteError) or (
-                isinstance(current, OSError) and current.errno in _WRITE_ERRNOS):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def write_failure_message(err: OSError) -> str:
-    """One line: what could not be written, why, the free space there, and how to go on."""
-    if isinstance(err, CheckpointWriteError):
-        message = str(err)
-    else:
-        path = Path(str(err.filename)) if err.filename else None
-        message = f"Cannot write {path or 'a file'}: {err.strerror or err}"
-        if path is not None and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            folder = next((p for p in (path, *path.parents) if p.is_dir()), None)
-            free = free_bytes(folder) if folder is not None else None
-            if free is not None:
-                message += f" ({folder} has {free / 1e6:,.1f} MB free); free some space there"
-        message += "."
-    resume = getattr(err, "resume_command", None)
-    return message + (f" Then resume with: {resume}" if resume else " Then start the run again.")
-
-
-def _refuse_resuming_an_unstarted_run(argv: list[str]) -> None:
-    """The README's resume command on a run that stopped before its first checkpoint (no ``config.yaml`` yet, so
-    the parser would only say the file does not exist): say what happened and what to run instead."""
-    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--ckpt_path"]
-    values += [a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")]
-    configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
-    configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    for value in values:
-        path = Path(value)
-        folder = resumed_run_folder(path)
-        if (folder is None or path.is_file() or previous_path(path).is_file() or not never_started(folder)
-                or all(Path(c).is_file() for c in configs)):
-            continue
-        print(f"ham-lightning: error: {folder} holds a run that stopped before its first checkpoint, so there is "
-              "nothing to resume: start it again with the command that started it (the same --run_name reuses "
-              "the folder).", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main() -> None:
     """Entry point of the ``ham-lightning`` command."""
     argv, sys.argv[1:] = sys.argv[1:], []  # handed over as args (LightningCLI warns when both are set)
