@@ -1,6 +1,6 @@
 """The phases of one task boundary's post-merge pass, timed one by one on the CPU protocol (issue 12).
 
-`benchmarks/fit_rate.py` times a boundary as a whole (profiler actions); this splits ``on_task_merged`` and the
+`benchmarks/fit_rate.py` times a boundary as a whole (profiler actions); this splits the statistics pass and the
 evaluation into their parts on task 0 of a config: the statistics pass's forward, the same forward with the
 input-subspace moments collected, the head's ``update`` over the pass's features, its ``fit`` (with the choice of
 ``lambda``, as at tasks 1, 2, 4, 8, ...), the subspace's ``update``, one evaluation pass over task 0's test images,
@@ -53,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model, data = built.model, built.datamodule
     data.setup("fit")
     data.set_task(0)
-    model.on_task_start(0, list(data.task_classes(0)))
+    for task_head in (model.head, model.loss_head):  # what the callback does at a task's start
+        if task_head is not None:
+            task_head.start_task(list(data.task_classes(0)))
     with torch.no_grad():
         for layer in model.ham.layers.values():
             layer.lora_B.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(0))

@@ -65,7 +65,7 @@ def bare_rate(model: Any, loader: Any, num_classes: int, repeats: int = 3,
 
 GROUPS = {  # profiler action (substring) -> group; the first match wins
     "[TaskBoundary]merge": "task boundary: merge",
-    "[TaskBoundary]on_task_merged": "task boundary: statistics pass, head fit, input subspace",
+    "[TaskBoundary]statistics pass": "task boundary: statistics pass, head fit, input subspace",
     "[TaskBoundary]evaluate": "task boundary: evaluation on the seen tasks",
     "train_dataloader_next": "data",
     "training_step": "forward (training_step)",

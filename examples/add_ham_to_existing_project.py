@@ -4,8 +4,8 @@ Your project already has a LightningModule (here `LitClassifier`: a timm backbon
 datamodule. To learn a class-incremental sequence with HAM:
 
 1. ``ham_lightning.inject(self.backbone, HAMConfig(...))`` in ``__init__`` (adapters, group slots, frozen backbone);
-2. optionally an ``on_task_start(task, classes)`` method to know the current task's classes (the callback calls
-   it if it exists) -- here used to mask the loss to the current task's logits;
+2. optionally the hooks of `ham_lightning.TaskAware` (inherit it), e.g. ``on_task_start(task, classes)`` to know
+   the current task's classes -- here used to mask the loss to the current task's logits;
 3. ``HierarchicalMergeCallback()`` in the Trainer's callbacks, and a datamodule that implements
    `ham_lightning.TaskProtocol` (`ClassIncrementalDataModule` does; so can yours).
 
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 import ham_lightning as hl
 
 
-class LitClassifier(pl.LightningModule):
+class LitClassifier(pl.LightningModule, hl.TaskAware):
     """A plain image classifier, as it might already exist in your project."""
 
     def __init__(self, num_classes: int, lr: float = 1e-3, head_lr: float = 1e-2) -> None:
@@ -48,7 +48,7 @@ class LitClassifier(pl.LightningModule):
         self.ham = hl.inject(self.backbone, hl.HAMConfig(target_modules=["fc1", "fc2"], rank=4, max_groups=2))
         self.register_buffer("current", torch.zeros(num_classes, dtype=torch.bool))
 
-    # (2) Optional: the callback tells the module which classes the new task has.
+    # (2) Optional (TaskAware): the callback tells the module which classes the new task has.
     def on_task_start(self, task: int, classes: Sequence[int]) -> None:
         self.current.zero_()
         self.current[list(classes)] = True

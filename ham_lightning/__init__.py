@@ -28,12 +28,18 @@ _EXPORTS = {
     "HierarchicalMergeCallback": "ham_lightning.lightning.callback",
     "HAMModule": "ham_lightning.lightning.module",
     "TaskProtocol": "ham_lightning.lightning.task_protocol",
+    "TaskAware": "ham_lightning.lightning.task_protocol",
+    "Head": "ham_lightning.core.head",
+    "NCMHead": "ham_lightning.core.heads",
+    "RidgeHead": "ham_lightning.core.heads",
+    "AlignedHead": "ham_lightning.core.heads",
     "ClassIncrementalDataModule": "ham_lightning.data",
 }
 
 __all__ = [
-    "ClassIncrementalDataModule", "ContinualEvaluation", "HAMConfig", "HAMController", "HAMLayer", "HAMModule",
-    "HierarchicalMergeCallback", "IncrementalHead", "MergeDecision", "TaskProtocol", "find_controller", "inject",
+    "AlignedHead", "ClassIncrementalDataModule", "ContinualEvaluation", "HAMConfig", "HAMController", "HAMLayer",
+    "HAMModule", "Head", "HierarchicalMergeCallback", "IncrementalHead", "MergeDecision", "NCMHead", "RidgeHead",
+    "TaskAware", "TaskProtocol", "find_controller", "inject",
 ]
 __version__ = "0.1.0"
 
@@ -53,10 +59,11 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from ham_lightning.core.config import HAMConfig
     from ham_lightning.core.controller import HAMController, MergeDecision, find_controller, inject
-    from ham_lightning.core.heads import IncrementalHead
+    from ham_lightning.core.head import Head
+    from ham_lightning.core.heads import AlignedHead, IncrementalHead, NCMHead, RidgeHead
     from ham_lightning.core.layer import HAMLayer
     from ham_lightning.data import ClassIncrementalDataModule
     from ham_lightning.lightning.callback import HierarchicalMergeCallback
     from ham_lightning.lightning.module import HAMModule
     from ham_lightning.lightning.sequence import ContinualEvaluation
-    from ham_lightning.lightning.task_protocol import TaskProtocol
+    from ham_lightning.lightning.task_protocol import TaskAware, TaskProtocol

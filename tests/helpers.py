@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,3 +42,27 @@ def offline_wandb(monkeypatch: pytest.MonkeyPatch, workdir: Path) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.chdir(workdir)
+
+
+def mounted_tmpfs(path: Path, size: str) -> Path:
+    """A fresh tmpfs of ``size`` (``"64m"``) mounted at ``path`` (unmount with `unmount`); skips the test, with
+    the reason, where mounting is impossible (not root, no mount permission in this container)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (and the mount command); this test runs the run folder on one")
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    return path
+
+
+def unmount(path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)

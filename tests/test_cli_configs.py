@@ -48,9 +48,9 @@ def _fixture(dataset: str, tmp: Path) -> str | None:
         layouts.make_class_folders(tmp / "imagenet-r", [f"n{20000000 + k:08d}" for k in range(40)], per_class=5)
         return str(tmp / "imagenet-r")
     if dataset in ("gtsrb", "dtd", "image_folder"):
-        # pre-split class folders (GTSRB's <track>_<frame> names), 12 classes: 1-2 a task at 10 tasks
+        # pre-split class folders (GTSRB's <track>_<frame> names), 20 classes: 2 a task at 10 tasks
         for split in ("train", "test"):
-            for label in range(12):
+            for label in range(20):
                 for k in range(2):
                     layouts.write_image(tmp / dataset / split / f"{label:02d}" / f"{k:05d}_00000.png", label, k)
         return str(tmp / dataset)

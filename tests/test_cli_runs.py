@@ -4,6 +4,7 @@ settings are refused before anything is built, with the fix on the last line."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -112,6 +113,41 @@ def test_a_run_never_writes_into_another_runs_folder(tmp_path: Path, capsys: pyt
     assert "already holds a run" in err and "--ckpt_path" in err
 
 
+def test_a_run_that_died_before_its_first_checkpoint_restarts_with_the_same_command(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from ham_lightning.data import ClassIncrementalDataModule
+
+    def interrupted(self, stage=None):
+        raise KeyboardInterrupt  # Ctrl-C (or a kill) while the data is set up, e.g. the prefix cache is built
+
+    command = ["fit", *TINY, "--run_name=early", "--trainer.enable_progress_bar=false"]
+    with monkeypatch.context() as patch:
+        patch.setattr(ClassIncrementalDataModule, "setup", interrupted)
+        with pytest.raises((KeyboardInterrupt, SystemExit)):
+            cli(command)
+    run = tmp_path / "runs" / "early"
+    assert ham_cli.never_started(run) and not (run / "checkpoints" / "last.ckpt").exists()
+    left = sorted(p.name for p in run.iterdir())
+    assert left and set(left) <= {"csv", "wandb", "config.yaml", "checkpoints", ".ham-lightning.lock"}
+    capsys.readouterr()
+
+    # The README's resume command says there is nothing to resume and what to run instead.
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert exit_info.value.code == 2
+    err = _last_line(capsys.readouterr().err)
+    assert "stopped before its first checkpoint" in err and "same --run_name" in err
+
+    # The same command and name start it again in that folder, and it finishes.
+    cli(command)
+    assert "stopped before its first checkpoint" in capsys.readouterr().err
+    assert (run / "results.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert not ham_cli.never_started(run)
+    with pytest.raises(SystemExit):  # now it holds a run: refused, as any finished run's folder
+        cli(command)
+    assert "already holds a run" in _last_line(capsys.readouterr().err)
+
+
 def test_rerunning_a_saved_config_starts_a_new_folder(tmp_path: Path) -> None:
     cli(["fit", *TINY, "--trainer.enable_progress_bar=false", "--benchmark=b", "--data.num_tasks=2",
          "--trainer.logger=false"])  # run folders are under test, not the loggers (test_cli covers them)
@@ -163,3 +199,22 @@ def test_sigterm_in_the_first_epoch_exits_non_zero_and_resumes_bit_for_bit(tmp_p
     cli(["fit", *_resume_args(run)])
     cli(["fit", "--config", str(config), "--run_name=reference"])
     _assert_same_run(run, tmp_path / "runs" / "reference")
+
+
+def test_wandb_and_matplotlib_are_pointed_at_the_run_folder_and_the_project_cache_unless_the_user_chose(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ham_lightning.cli import tool_dirs
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "MPLCONFIGDIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tool_dirs, "_SET_HERE", {})
+    cache = tmp_path / "home" / ".cache" / "ham_lightning"
+    assert tool_dirs.point_wandb(tmp_path / "runs" / "a") == {
+        "WANDB_DATA_DIR": str(tmp_path / "runs" / "a" / "wandb" / "data"), "WANDB_CACHE_DIR": str(cache / "wandb")}
+    assert tool_dirs.point_matplotlib() == {"MPLCONFIGDIR": str(cache / "matplotlib")}
+    # The next run in the same process gets its own folder; a value the user set is kept.
+    monkeypatch.setenv("WANDB_CACHE_DIR", "/mine")
+    assert tool_dirs.point_wandb(tmp_path / "runs" / "b") == {
+        "WANDB_DATA_DIR": str(tmp_path / "runs" / "b" / "wandb" / "data")}
+    assert os.environ["WANDB_CACHE_DIR"] == "/mine"

@@ -15,9 +15,13 @@ one way to continue one, with the settings it started with.
 
 One module per concern: `app` (the LightningCLI subclass, `cli`, `main`), `runs` (run folders and their locks),
 `checkpoint` (``last.ckpt``), `resume` (what a resume may change), `config` (defaults, quick start, option help,
-``config.yaml``), `predict`, `export`, `compare`, `noise` (known-harmless third-party messages silenced while a
-command runs).
+``config.yaml``), `tool_dirs` (where W&B and matplotlib write), `predict`, `export`, `compare`, `noise`
+(known-harmless third-party messages silenced while a command runs).
 """
+
+from ham_lightning.cli.tool_dirs import point_matplotlib
+
+point_matplotlib()  # before anything imports Lightning, which imports matplotlib
 
 from ham_lightning.cli.app import SIGTERM_EXIT, HAMLightningCLI, cli, main
 from ham_lightning.cli.checkpoint import CHECKPOINT_KEY, SequenceCheckpoint
@@ -32,12 +36,19 @@ from ham_lightning.cli.config import (
 from ham_lightning.cli.export import export_checkpoint, export_main
 from ham_lightning.cli.predict import write_predictions
 from ham_lightning.cli.resume import RESUME_MAY_CHANGE, RESUME_TRAINER_KEYS, contradictions
-from ham_lightning.cli.runs import LOCK_NAME, RunFolder, RunFolderError, claim_new_run, resumed_run_folder
+from ham_lightning.cli.runs import (
+    LOCK_NAME,
+    RunFolder,
+    RunFolderError,
+    claim_new_run,
+    never_started,
+    resumed_run_folder,
+)
 from ham_lightning.lightning.sequence import resolve_epochs_per_task
 
 __all__ = [
     "CHECKPOINT_KEY", "LOCK_NAME", "QUICKSTART_CONFIG", "RESUME_MAY_CHANGE", "RESUME_TRAINER_KEYS", "SIGTERM_EXIT",
     "TRAINER_DEFAULTS", "HAMLightningCLI", "RunConfig", "RunFolder", "RunFolderError", "SequenceCheckpoint", "claim_new_run",
-    "cli", "compare_main", "contradictions", "export_checkpoint", "export_main", "main", "resolve_epochs_per_task",
+    "cli", "compare_main", "contradictions", "export_checkpoint", "export_main", "main", "never_started", "resolve_epochs_per_task",
     "resumed_run_folder", "wandb_offline", "with_quickstart", "write_predictions",
 ]

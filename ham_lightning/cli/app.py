@@ -3,6 +3,8 @@ checkpoints and task schedule wired in), `cli` for tests and notebooks, and `mai
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -27,17 +29,28 @@ from ham_lightning.cli.config import (
     _ham_value,
     _plain,
     _show,
+    link_prefix_cut,
     wandb_offline,
     with_quickstart,
 )
 from ham_lightning.cli.export import export_main
+from ham_lightning.cli.failures import refuse_resuming_an_unstarted_run, write_failure, write_failure_message
 from ham_lightning.cli.noise import drop_wandb_anonymous, known_noise_silenced
 from ham_lightning.cli.predict import write_predictions
 from ham_lightning.cli.resume import contradictions
 from ham_lightning.cli.runs import _HELD, RunFolder, RunFolderError, claim_new_run, resumed_run_folder
+from ham_lightning.cli.tool_dirs import point_wandb
 from ham_lightning.core.config import HAMConfig
-from ham_lightning.data import ClassIncrementalDataModule
+from ham_lightning.core.registry import HEADS, load_plugins
+from ham_lightning.data import READERS, ClassIncrementalDataModule
 from ham_lightning.lightning.callback import HierarchicalMergeCallback
+from ham_lightning.lightning.checkpoint_io import (
+    check_room,
+    checkpoint_bytes,
+    previous_path,
+    resume_checkpoint,
+    set_aside,
+)
 from ham_lightning.lightning.module import HAMModule
 from ham_lightning.lightning.progress import TaskProgressBar
 from ham_lightning.lightning.results import RunResults, TaskLines, TestResults
@@ -52,6 +65,8 @@ class HAMLightningCLI(LightningCLI):
 
     run_dir: Path | None = None
     resuming: bool = False
+    #: A damaged ``--ckpt_path`` whose predecessor the resume loads instead (set aside once the folder is held).
+    _damaged_checkpoint: Path | None = None
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -73,8 +88,9 @@ class HAMLightningCLI(LightningCLI):
     # -- before anything is built -------------------------------------------------------------------------------
     @override
     def _parse_ckpt_path(self) -> None:
-        """Refuse a resume whose settings contradict the checkpoint's (Lightning would silently take the
-        checkpoint's model settings over the command line's)."""
+        """Check ``--ckpt_path``: a damaged checkpoint is replaced by its whole predecessor (``last.prev.ckpt``,
+        said on stderr), and a resume whose settings contradict the checkpoint's is refused (Lightning would
+        silently take the checkpoint's model settings over the command line's)."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -83,11 +99,20 @@ class HAMLightningCLI(LightningCLI):
         if not ckpt_path:
             return
         path = Path(ckpt_path)
-        if not path.is_file():
+        if not path.is_file() and not previous_path(path).is_file():
             folder = resumed_run_folder(path)
-            hint = (" That run stopped before its first epoch ended, so it has no checkpoint: start it again."
+            hint = (" That run stopped before its first checkpoint, so there is nothing to resume: start it again "
+                    "with the command that started it (the same --run_name reuses its folder)."
                     if folder is not None and folder.is_dir() else "")
             self._error(subcommand, f"--ckpt_path {ckpt_path}: no such file.{hint}")
+        usable, problem = resume_checkpoint(path)
+        if problem is not None and usable == path:
+            self._error(subcommand, f"--ckpt_path {ckpt_path}: {problem} Start the run again (a new --run_name).")
+        if usable != path:
+            print(f"ham-lightning: {problem}", file=sys.stderr)
+            self._damaged_checkpoint = path  # moved aside once this process owns the run folder
+            config["ckpt_path"] = ckpt_path = str(usable)
+            path = usable
         import torch
 
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -124,6 +149,8 @@ class HAMLightningCLI(LightningCLI):
                 assert folder_of_ckpt is not None
                 folder = RunFolder(folder_of_ckpt)
                 folder.acquire()
+                if self._damaged_checkpoint is not None:
+                    set_aside(self._damaged_checkpoint)  # so the next save keeps the whole predecessor as last.prev.ckpt
             elif subcommand != "fit" and run_of_ckpt is not None and run_name in (None, run_of_ckpt.name):
                 # test / validate / predict on a run's checkpoint: beside the run, in <run>/<command>[-k], whatever
                 # run name the run's own config.yaml holds (a --run_name of another name still gets its folder).
@@ -134,13 +161,18 @@ class HAMLightningCLI(LightningCLI):
             else:
                 stamp = time.strftime("%Y%m%d-%H%M%S")
                 default = f"{benchmark}-{stamp}" if subcommand == "fit" else f"{benchmark}-{subcommand}-{stamp}"
-                folder = claim_new_run(Path(config["runs_dir"]), config.get("run_name"), default)
+                folder = claim_new_run(Path(config["runs_dir"]), config.get("run_name"), default,
+                                       reuse_unstarted=subcommand == "fit")
+                if folder.reused:
+                    print(f"ham-lightning: {folder.path} holds a run that stopped before its first checkpoint "
+                          f"({', '.join(folder.others())}): starting it again there.", file=sys.stderr)
         except RunFolderError as err:
             self._error(subcommand, str(err))
         _HELD.append(folder)
         self.run_folder = folder
         self.run_dir = run_dir = folder.path
         self.benchmark = benchmark
+        point_wandb(run_dir)
         trainer = config["trainer"]
         trainer["default_root_dir"] = str(run_dir)
         method = _ham_value(config, "method") or "ham"
@@ -159,6 +191,13 @@ class HAMLightningCLI(LightningCLI):
             elif "save_dir" in args:  # CSV, TensorBoard, MLflow (file store)...: inside the run folder
                 args["save_dir"] = str(run_dir)
 
+    @override
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self.subcommand == "fit" and self.run_dir is not None and self.model is not None:
+            # Before the data is set up (a prefix cache can take minutes): a folder too full for the checkpoints.
+            check_room(self.run_dir / "checkpoints" / "last.ckpt", checkpoint_bytes(self.model))
+
     def _check_config(self, subcommand: str | None, config: Any) -> None:
         """Settings that cannot work, refused before any model or data is built (the last line says the fix)."""
         ham = config.get("model", {}).get("ham")
@@ -167,6 +206,18 @@ class HAMLightningCLI(LightningCLI):
                 HAMConfig(**_plain(ham))
             except (TypeError, ValueError) as err:
                 self._error(subcommand, f"--model.ham: {err} Fix it in the config or with --model.ham.<option>.")
+        refused = link_prefix_cut(config)
+        if refused:
+            self._error(subcommand, refused)
+        try:  # names of the registries: a typo fails here, not after the data set is read
+            head = config.get("model", {}).get("head")
+            if isinstance(head, str):
+                HEADS.check(head, "--model.head")
+            dataset = config.get("data", {}).get("dataset")
+            if isinstance(dataset, str):
+                READERS.check(dataset, "--data.dataset")
+        except ValueError as err:
+            self._error(subcommand, str(err))
         try:
             resolve_epochs_per_task(config.get("merge", {}).get("epochs_per_task"),
                                     config.get("data", {}).get("epochs_per_task"))
@@ -239,14 +290,22 @@ class HAMLightningCLI(LightningCLI):
     @override
     def _run_subcommand(self, subcommand: str) -> None:
         finished = False
+        failed_write: OSError | None = None
         try:
             if subcommand == "predict":
                 self.predict()
             else:
                 super()._run_subcommand(subcommand)
             finished = True
+        except BaseException as err:
+            failed_write = write_failure(err)
+            if failed_write is not None and self.run_dir is not None:
+                last = self.run_dir / "checkpoints" / "last.ckpt"
+                if last.is_file() or previous_path(last).is_file():
+                    failed_write.resume_command = self.resume_command()  # type: ignore[attr-defined]
+            raise
         finally:
-            self._finish_wandb(finished)
+            self._finish_wandb(finished, quiet=failed_write is not None)
             self.release()
 
     def predict(self) -> Path:
@@ -254,14 +313,31 @@ class HAMLightningCLI(LightningCLI):
         image of ``--predict_path`` (or of every task's test split), written to ``<run>/predictions.csv``."""
         return write_predictions(self)
 
-    def _finish_wandb(self, finished: bool) -> None:
+    def _finish_wandb(self, finished: bool, quiet: bool = False) -> None:
         """Close this command's W&B run (flushed to disk offline), so the next command in the process gets its
-        own: Lightning's WandbLogger would otherwise reuse the run left open."""
+        own: Lightning's WandbLogger would otherwise reuse the run left open. ``quiet`` (after a failed write, the
+        disk likely full): W&B's own failures to write are neither printed nor raised, so the one error that
+        stopped the run is what the user sees."""
+        import logging
+
         from lightning.pytorch.loggers import WandbLogger
 
+        wandb_log = logging.getLogger("wandb")
+        level = wandb_log.level
         for logger in getattr(getattr(self, "trainer", None), "loggers", []):
             if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
-                logger._experiment.finish(exit_code=0 if finished else 1)
+                if not quiet:
+                    logger._experiment.finish(exit_code=0 if finished else 1)
+                    continue
+                wandb_log.setLevel(logging.CRITICAL)
+                with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+                        contextlib.redirect_stderr(devnull):
+                    try:
+                        logger._experiment.finish(exit_code=1)
+                    except Exception:  # noqa: S110 (the write failure that stopped the run is reported instead)
+                        pass
+                    finally:
+                        wandb_log.setLevel(level)
 
     def release(self) -> None:
         """Give the run folder up (the end of the subcommand; the process's end does it too)."""
@@ -286,6 +362,8 @@ def cli(args: Sequence[str] | None = None, run: bool = True) -> Any:
         "Also: `ham-lightning export --ckpt_path <run>/checkpoints/last.ckpt` (PEFT adapter + folded timm "
         "weights) and `ham-lightning compare runs/*` (table and plot from finished runs' results.json).")}
     argv = with_quickstart(argv)
+    load_plugins()  # packages that register merge rules, heads or readers (entry points "ham_lightning.plugins")
+    refuse_resuming_an_unstarted_run(argv)
     held = len(_HELD)
     try:
         with known_noise_silenced():
@@ -303,6 +381,7 @@ def cli(args: Sequence[str] | None = None, run: bool = True) -> Any:
             _HELD.pop().release()
 
 
+#: What a failed write looks like: a full disk or quota, a read-only filesystem.
 def main() -> None:
     """Entry point of the ``ham-lightning`` command."""
     argv, sys.argv[1:] = sys.argv[1:], []  # handed over as args (LightningCLI warns when both are set)
@@ -310,3 +389,9 @@ def main() -> None:
         cli(argv)
     except SIGTERMException:
         sys.exit(SIGTERM_EXIT)  # stopped, not finished: a scheduler must not take it for a success
+    except Exception as err:
+        failed = write_failure(err)
+        if failed is None:
+            raise
+        print(f"ham-lightning: error: {write_failure_message(failed)}", file=sys.stderr)
+        sys.exit(1)

@@ -11,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from ham_lightning.lightning.checkpoint_io import previous_path, use_atomic_checkpoints
+
 #: Where the CLI keeps its own state in a Lightning checkpoint (the resolved config the run started with).
 CHECKPOINT_KEY = "ham_lightning_cli"
 
@@ -21,8 +23,9 @@ class SequenceCheckpoint(Checkpoint):
     A `Checkpoint` subclass, so Lightning runs it after the other callbacks' epoch-end hooks (the boundary's
     merge and evaluation are in the file). Lightning's ``ModelCheckpoint(save_last=True, save_top_k=0)`` writes
     ``last.ckpt`` only with a top-k save, and skips epochs without an optimizer step (``ncm``), hence this one.
-    ``trainer.save_checkpoint`` writes atomically (fsspec transaction), so a kill mid-write leaves the previous
-    file whole. The file also holds the resolved CLI config, against which a resume is checked.
+    Writes go through `AtomicCheckpointIO` (installed at setup): a temporary file in ``checkpoints/``, fsynced and
+    renamed over ``last.ckpt``, the file it replaces kept as ``last.prev.ckpt``; a kill at any byte leaves
+    ``last.ckpt`` whole (the old one), on any filesystem. The file also holds the resolved CLI config, against which a resume is checked.
     """
 
     def __init__(self, dirpath: str | Path, config: dict[str, Any] | None = None,
@@ -36,9 +39,13 @@ class SequenceCheckpoint(Checkpoint):
         return self.dirpath / "last.ckpt"
 
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        use_atomic_checkpoints(trainer.strategy)
+
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.path.exists():  # a new run: a kill in its first epoch still leaves a file to resume from
-            self._save(trainer, "start")
+        if trainer.ckpt_path is None and not self.path.exists():
+            self._save(trainer, "start")  # a new run: a kill in its first epoch still leaves a file to resume from
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -58,11 +65,13 @@ class SequenceCheckpoint(Checkpoint):
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             return
         what = "SIGTERM" if isinstance(exception, SIGTERMException) else "Interrupted"
-        if self.path.is_file():
-            rank_zero_info(f"{what}: the run stopped; {self.path} holds it {_checkpoint_point(self.path)}. "
+        saved = next((p for p in (self.path, previous_path(self.path)) if p.is_file()), None)
+        if saved is not None:  # last.prev.ckpt alone: a resume from it stopped before its first epoch ended
+            rank_zero_info(f"{what}: the run stopped; {saved} holds it {_checkpoint_point(saved)}. "
                            f"Resume with:\n  {self.resume_command}")
         else:
-            rank_zero_info(f"{what}: the run stopped before training started; nothing to resume (start it again).")
+            rank_zero_info(f"{what}: the run stopped before training started; nothing to resume (start it again "
+                           "with the same command: its folder is reused).")
 
 
 def _checkpoint_point(path: Path) -> str:

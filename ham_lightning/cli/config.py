@@ -129,6 +129,33 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+def link_prefix_cut(config: Any) -> str | None:
+    """The prefix cut has one owner, ``model.ham.adapt_from``: it sets ``data.prefix_cache.adapt_from`` when that
+    is left out (in place); both given and different is refused. Returns the refusal's message, or None."""
+    from ham_lightning.core.prefix import canonical_point
+
+    data = config.get("data") or {}
+    cache = data.get("prefix_cache") if hasattr(data, "get") else None
+    if cache is not None and hasattr(cache, "get") and cache.get("init_args") is not None:
+        cache = cache["init_args"]  # parsed as the PrefixCacheConfig dataclass: class_path + init_args
+    if cache is None or not hasattr(cache, "get"):
+        return None
+    ham = config.get("model", {}).get("ham")
+    model_cut = ham.get("adapt_from") if ham is not None and hasattr(ham, "get") else None
+    cache_cut = cache.get("adapt_from")
+    if cache_cut is None:
+        if model_cut is None:
+            return ("--data.prefix_cache caches the frozen part below the adapted one: set --model.ham.adapt_from "
+                    "(e.g. blocks.6); it sets the cache's cut too.")
+        cache["adapt_from"] = model_cut
+        return None
+    if model_cut is None or canonical_point(str(model_cut)) != canonical_point(str(cache_cut)):
+        return (f"The prefix cut is set twice: --model.ham.adapt_from {model_cut} and --data.prefix_cache.adapt_from "
+                f"{cache_cut}; the model would train on activations cached at another block. Set only "
+                "--model.ham.adapt_from (it sets the cache's), or make both the same.")
+    return None
+
+
 def with_quickstart(argv: list[str]) -> list[str]:
     """``argv`` with ``--config configs/quickstart.yaml`` after the subcommand when no ``--config`` is given.
 

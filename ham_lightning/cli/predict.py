@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-if TYPE_CHECKING:
-    from ham_lightning.cli.app import HAMLightningCLI
+
+class PredictingCLI(Protocol):
+    """What predicting reads of the CLI (`ham_lightning.cli.app.HAMLightningCLI`)."""
+
+    config_init: Any
+    datamodule: Any
+    model: Any
+    trainer: Any
+    run_dir: Path | None
+
+    def _error(self, subcommand: str | None, message: str) -> None: ...
 
 
-def write_predictions(cli: HAMLightningCLI) -> Path:
+def write_predictions(cli: PredictingCLI) -> Path:
     """``ham-lightning predict``: the folded model's predictions among every class it has learned, for each
     image of ``--predict_path`` (or of every task's test split), written to ``<run>/predictions.csv``."""
     import csv
@@ -72,7 +81,7 @@ def class_probabilities(model: Any, logits: Any) -> Any:
     return logits.masked_fill(~seen.to(logits.device), float("-inf")).softmax(dim=1)
 
 
-def predict_dataset(cli: HAMLightningCLI, folder: str | None) -> tuple[Any, list[dict[str, Any]]]:
+def predict_dataset(cli: PredictingCLI, folder: str | None) -> tuple[Any, list[dict[str, Any]]]:
     """Images only (what ``predict_step`` gets) and, per image, what identifies it in the CSV."""
     import torch
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ham_lightning.disk import LockHeld, exclusive
 
 #: The marker of a folder in use by a run (holds the owner's process id while it runs).
 LOCK_NAME = ".ham-lightning.lock"
@@ -16,59 +19,79 @@ class RunFolderError(RuntimeError):
 
 
 class RunFolder:
-    """Exclusive use of ``path`` by this process: an advisory lock held until `release` (or the process's end).
+    """Exclusive use of ``path`` by this process: a lock held until `release` (or the process's end).
 
-    ``fcntl.flock`` locks go away with their process, even one killed by SIGKILL, so a killed run's folder can be
-    resumed at once; two processes can never both hold one. Without ``fcntl`` (Windows) only the content check
-    applies.
+    The lock (`ham_lightning.disk.exclusive`, the `filelock` package: Linux, macOS and Windows) goes away with its
+    process, even one killed by SIGKILL, so a killed run's folder can be resumed at once; two processes can never
+    both hold one. The owner's process id is written beside it, for the message another process gets.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file: Any = None
+        self._lock: Any = None
+        #: Whether `claim_new_run` took it over from a run that never reached its first checkpoint.
+        self.reused = False
+
+    @property
+    def owner_file(self) -> Path:
+        return self.path / (LOCK_NAME + ".pid")
 
     def acquire(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        lock = open(self.path / LOCK_NAME, "a+")  # noqa: SIM115 (held open while the run lasts)
         try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
-        except OSError:
-            lock.seek(0)
-            owner = lock.read().strip() or "?"
-            lock.close()
+            lock = exclusive(self.path / LOCK_NAME)
+        except LockHeld:
+            try:
+                owner = self.owner_file.read_text().strip() or "?"
+            except OSError:
+                owner = "?"
             raise RunFolderError(
                 f"{self.path} is in use by another run (process {owner}). Wait for it to end, or choose another "
                 "--run_name."
             ) from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
-        self._file = lock
+        self.owner_file.write_text(str(os.getpid()))
+        self._lock = lock
 
     def others(self) -> list[str]:
         """What the folder holds besides the lock: another run's files."""
-        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK_NAME) if self.path.is_dir() else []
+        mine = (LOCK_NAME, self.owner_file.name)
+        return sorted(p.name for p in self.path.iterdir() if p.name not in mine) if self.path.is_dir() else []
 
     def release(self) -> None:
-        if self._file is not None:
-            try:
-                (self.path / LOCK_NAME).unlink(missing_ok=True)
-            finally:
-                self._file.close()  # closing the file drops the flock
-                self._file = None
+        if self._lock is not None:
+            for name in (self.owner_file, self.path / LOCK_NAME):  # while held: no other process is using them
+                with contextlib.suppress(OSError):  # Windows keeps a locked file
+                    name.unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
 
 
 #: Run folders held by the CLI calls in progress in this process (released when each call returns).
 _HELD: list[RunFolder] = []
 
+#: What a ``fit`` writes into its folder before its first checkpoint (loggers, the config, the checkpoint folder).
+UNSTARTED_FILES = frozenset({"csv", "wandb", "lightning_logs", "config.yaml", "checkpoints"})
 
-def claim_new_run(runs_dir: Path, run_name: str | None, default_name: str) -> RunFolder:
-    """A fresh folder for a new run: ``run_name`` if free, else refused; an automatic name gets ``-2``, ``-3``..."""
+
+def never_started(path: Path) -> bool:
+    """Whether ``path`` holds only what a ``fit`` that stopped before its first checkpoint leaves (a kill while
+    the prefix cache was built, a bad image found at setup): nothing to resume and no result, so the same
+    command and ``--run_name`` may start it again there."""
+    names = {p.name for p in path.iterdir() if p.name not in (LOCK_NAME, LOCK_NAME + ".pid")} if path.is_dir() else set()
+    if not names <= UNSTARTED_FILES:
+        return False
+    checkpoints = path / "checkpoints"
+    return not checkpoints.is_dir() or not any(p.suffix == ".ckpt" for p in checkpoints.iterdir())
+
+
+def claim_new_run(runs_dir: Path, run_name: str | None, default_name: str, reuse_unstarted: bool = False
+                  ) -> RunFolder:
+    """A fresh folder for a new run: ``run_name`` if free, else refused; an automatic name gets ``-2``, ``-3``...
+
+    With ``reuse_unstarted`` (``fit``), a ``run_name`` folder whose run never reached its first checkpoint
+    (`never_started`) is taken over, its leftovers kept (the loggers start new versions); ``folder.reused`` says
+    so.
+    """
     candidates: Iterator[str]
     if run_name:
         candidates = iter([run_name])
@@ -76,7 +99,8 @@ def claim_new_run(runs_dir: Path, run_name: str | None, default_name: str) -> Ru
         candidates = (default_name if k == 1 else f"{default_name}-{k}" for k in range(1, 1000))
     for name in candidates:
         folder = RunFolder(runs_dir / name)
-        if folder.others():
+        reusable = bool(run_name) and reuse_unstarted and never_started(folder.path)
+        if folder.others() and not reusable:
             if run_name:
                 _refuse_taken(folder)
             continue
@@ -86,11 +110,13 @@ def claim_new_run(runs_dir: Path, run_name: str | None, default_name: str) -> Ru
             if run_name:
                 raise
             continue
-        if folder.others():  # another run claimed and filled it between our check and our lock
+        # Another run may have claimed and filled it (or started training in it) between our check and our lock.
+        if folder.others() and not (reusable and never_started(folder.path)):
             folder.release()
             if run_name:
                 _refuse_taken(folder)
             continue
+        folder.reused = bool(folder.others())
         return folder
     raise RunFolderError(f"No free run folder named {default_name}[-k] under {runs_dir}.")
 

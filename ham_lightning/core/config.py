@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from ham_lightning.core.registry import MERGE_RULES
+
 PruneMode = Literal["magnitude", "rank", "none"]
 Granularity = Literal["adapter", "layer"]
 SimilarityReduction = Literal["concat", "layer_mean"]
 AdapterInit = Literal["shared", "per_task"]
 SimilaritySource = Literal["weights", "data"]
-#: What happens at a task boundary: HAM's hierarchical merge, or one of the baselines (docs/results.md). These
-#: are the built-in merge rules; `ham_lightning.core.merge_rules.register_merge_rule` adds more.
-Method = Literal["ham", "seq_lora", "merge_sum", "merge_average", "merge_ties", "first_session"]
+#: The built-in merge rules: HAM's hierarchical merge and the baselines (docs/results.md). ``HAMConfig.method`` is
+#: any name of the registry (`ham_lightning.core.registry.MERGE_RULES`), which
+#: `ham_lightning.core.merge_rules.register_merge_rule` adds to.
 METHODS: tuple[str, ...] = ("ham", "seq_lora", "merge_sum", "merge_average", "merge_ties", "first_session")
 
 #: ViT-B/16 targets of the authors' related code (LoRA on attention qkv and the MLP).
@@ -105,7 +107,7 @@ class HAMConfig:
         metadata={"help": "Adapt only modules at and above this block (e.g. 'blocks.5'); everything below is a "
                           "frozen prefix whose output can be cached. None: adapt every matched module."},
     )
-    method: Method = field(
+    method: str = field(
         default="ham",
         metadata={"help": "Task-boundary rule: ham (hierarchical merge) or a baseline: seq_lora (one adapter kept "
                           "training), merge_sum (E += D_t), merge_average (E = mean of D_1..D_t), merge_ties (TIES "
@@ -142,13 +144,9 @@ class HAMConfig:
             errors.append("routing and similarity_source='data' read the inputs of the adapted part: set adapt_from")
         if self.similarity_threshold is not None and not -1.0 <= self.similarity_threshold <= 1.0:
             errors.append(f"similarity_threshold is a cosine, in [-1, 1]; got {self.similarity_threshold}")
-        from ham_lightning.core.merge_rules import (
-            list_merge_rules,  # the registry; imports torch, so not at the top
-        )
-
-        if self.method not in list_merge_rules():
-            errors.append(f"method must be one of {', '.join(list_merge_rules())} (the registered merge rules); "
-                          f"got {self.method!r}")
+        if self.method not in MERGE_RULES:
+            errors.append(f"method must be one of {', '.join(MERGE_RULES.names())} (the registered merge rules; "
+                          f"a new one: {MERGE_RULES.how}); got {self.method!r}")
         if errors:
             raise ValueError("Invalid HAMConfig: " + "; ".join(errors) + ".")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from ham_lightning.core.layer import HAMLayer
 from ham_lightning.core.merge_rules import MergeDecision, MergeRule, create_merge_rule
 from ham_lightning.core.norm import freeze_norm_layers
 from ham_lightning.core.routing import PrefixRouter, input_dim, run_observed
+from ham_lightning.core.subspace import InputSubspace
 from ham_lightning.core.targets import find_targets
 
 #: Name of the controller's state module (history and merge rule), a child of the first HAM layer.
@@ -24,19 +26,21 @@ _NOT_LAYER_TENSORS = ("base.", STATE_NAME + ".")
 
 
 class HAMControllerState(nn.Module):
-    """The controller's place in the model's ``state_dict``: its merge history and its merge rule.
+    """The controller's place in the model's ``state_dict``: its merge history, merge rule and input subspace.
 
     `HAMController` registers it as the child ``ham_state`` of the first HAM layer (``controller.state_name``,
     e.g. ``blocks.0.attn.qkv.ham_state``), so ``model.state_dict()`` (and so a Lightning checkpoint of a module
     holding the model) carries ``<state_name>._extra_state`` (the history) and the rule's own state under
-    ``<state_name>.merge_rule``. Not a child of the model itself: a new child would change what an
+    ``<state_name>.merge_rule`` and, with ``protect_inputs``, the `InputSubspace` under ``<state_name>.subspace``.
+    Not a child of the model itself: a new child would change what an
     ``nn.Sequential`` runs or what ``children()`` lists. The controller stays the one owner of the history; this
     module only reads and writes it.
     """
 
-    def __init__(self, controller: HAMController, merge_rule: MergeRule) -> None:
+    def __init__(self, controller: HAMController, merge_rule: MergeRule, subspace: InputSubspace | None) -> None:
         super().__init__()
         self.merge_rule = merge_rule
+        self.subspace = subspace
         self.controller = controller  # not a Module: a plain attribute, not a submodule
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -50,9 +54,14 @@ class HAMController:
     """Owns the HAM layers injected into a model: task boundaries, fold/unfold, history, state.
 
     It is not an ``nn.Module``: every tensor lives in the model, and so does the rest of its state: the merge
-    rule (``HAMConfig.method``, see `ham_lightning.core.merge_rules`) and the history are in the
-    `HAMControllerState` module under the first HAM layer (``state_name``), so ``model.state_dict()`` and
-    Lightning checkpoints carry the slots, the history and the rule's state.
+    rule (``HAMConfig.method``, see `ham_lightning.core.merge_rules`), the history and the input subspace are in
+    the `HAMControllerState` module under the first HAM layer (``state_name``), so ``model.state_dict()`` and
+    Lightning checkpoints carry the slots, the history, the rule's state and the protected subspaces.
+
+    Input protection (``HAMConfig.protect_inputs > 0``): the controller owns the `InputSubspace` of its layers;
+    whoever drives the sequence (`ham_lightning.HierarchicalMergeCallback`) calls `protect_` at each task's
+    start and after every optimizer step, and runs one pass over each finished task's training data inside
+    `collecting_inputs`, then `update_protection`.
     """
 
     def __init__(self, model: nn.Module, layers: dict[str, HAMLayer], config: HAMConfig) -> None:
@@ -62,7 +71,8 @@ class HAMController:
         #: One `MergeDecision` per task boundary; the one copy of the merge history.
         self.history: list[MergeDecision] = []
         self._folded: dict[str, nn.Module] | None = None
-        self._state = HAMControllerState(self, create_merge_rule(config.method))
+        subspace = InputSubspace(layers, config.protect_inputs) if config.protect_inputs > 0 else None
+        self._state = HAMControllerState(self, create_merge_rule(config.method), subspace)
         first = next(iter(layers))
         layers[first].add_module(STATE_NAME, self._state)
         #: Per-task / per-slot statistics of the adapted part's pooled inputs (`HAMConfig.routing`,
@@ -84,6 +94,11 @@ class HAMController:
     def merge_rule(self) -> MergeRule:
         """The task-boundary rule chosen by ``config.method``."""
         return self._state.merge_rule
+
+    @property
+    def subspace(self) -> InputSubspace | None:
+        """Earlier tasks' input subspaces, kept off each new adapter (``protect_inputs > 0``), else None."""
+        return self._state.subspace
 
     @property
     def num_tasks_merged(self) -> int:
@@ -199,6 +214,26 @@ class HAMController:
             layer.reset_adapter(generator)
             layer.importance.fill_(1.0)
 
+    # -- input protection (HAMConfig.protect_inputs) -------------------------------------------------------------
+    @property
+    def needs_input_pass(self) -> bool:
+        """Whether each task's end needs a pass over its training data (`collecting_inputs`)."""
+        return self.subspace is not None
+
+    def protect_(self) -> None:
+        """Project the active adapter's ``A`` off earlier tasks' input subspaces (no-op without protection)."""
+        if self.subspace is not None:
+            self.subspace.project_()
+
+    def collecting_inputs(self) -> contextlib.AbstractContextManager[None]:
+        """While active, every HAM layer's inputs add to its input moment (a no-op context without protection)."""
+        return self.subspace.collect() if self.subspace is not None else contextlib.nullcontext()
+
+    def update_protection(self) -> None:
+        """The subspaces from the moments collected so far (after the pass over a finished task's data)."""
+        if self.subspace is not None:
+            self.subspace.update()
+
     # -- fold / unfold ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def fold(self) -> nn.Module:
@@ -247,14 +282,19 @@ class HAMController:
             for key, value in layer.state_dict().items():
                 if not key.startswith(_NOT_LAYER_TENSORS):
                     tensors[f"{name}.{key}"] = value.detach().clone()
-        return {"config": self.config.to_dict(), "history": [d.to_dict() for d in self.history], "tensors": tensors,
-                "merge_rule": self.merge_rule.state_dict()}
+        state = {"config": self.config.to_dict(), "history": [d.to_dict() for d in self.history], "tensors": tensors,
+                 "merge_rule": self.merge_rule.state_dict()}
+        if self.subspace is not None:
+            state["subspace"] = {k: v.detach().clone() for k, v in self.subspace.state_dict().items()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned; the tensors part may be absent (Lightning restores the model)."""
         self.history = [MergeDecision(**d) for d in state.get("history", [])]
         if "merge_rule" in state:
             self.merge_rule.load_state_dict(state["merge_rule"])
+        if self.subspace is not None and "subspace" in state:
+            self.subspace.load_state_dict(state["subspace"])
         tensors = state.get("tensors")
         if tensors:
             with torch.no_grad():

@@ -1,30 +1,34 @@
-"""Heads over every class of the scenario: trained (`IncrementalHead`) or fitted from class statistics
-(`NCMHead`, `RidgeHead`, `AlignedHead`), chosen by name through a registry (`create_head`)."""
+"""The built-in heads (`ham_lightning.core.head.Head`): trained (`IncrementalHead`) or fitted from class
+statistics (`NCMHead`, `RidgeHead`, `AlignedHead`), registered by name (`create_head`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from ham_lightning.core.aligned_head import AlignedHead
+from ham_lightning.core.head import (
+    Head,
+    StatisticsHead,
+    create_head,
+    is_statistics_head,
+    list_heads,
+    mark_task,
+    register_head,
+)
+
+__all__ = ["AlignedHead", "Head", "IncrementalHead", "NCMHead", "RidgeHead", "StatisticsHead", "create_head",
+           "is_statistics_head", "list_heads", "mark_task", "register_head"]
+
 LogitMask = Literal["current", "seen"]
-
-
-def mark_task(current: Tensor, seen: Tensor, classes: Sequence[int]) -> None:
-    """Flag ``classes`` as the current task's (only them) and as seen; refuses classes outside the head."""
-    index = torch.as_tensor(list(classes), dtype=torch.long, device=current.device)
-    if index.numel() and (index.min() < 0 or index.max() >= current.numel()):
-        raise ValueError(f"task classes {list(classes)} out of range for a head of {current.numel()} classes")
-    current.zero_()
-    current[index] = True
-    seen[index] = True
 HeadKind = Literal["linear", "cosine"]
 
 
-class IncrementalHead(nn.Module):
+class IncrementalHead(Head):
     """A linear head allocated up front for all classes, with per-task logit masking and frozen finished rows.
 
     ``kind="linear"`` is design.md's masked linear head; ``kind="cosine"`` compares normalised features and rows
@@ -35,7 +39,7 @@ class IncrementalHead(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, mask: LogitMask = "current", freeze_old_rows: bool = True,
                  kind: HeadKind = "linear", scale: float = 16.0):
-        super().__init__()
+        super().__init__(num_classes)
         if mask not in ("current", "seen"):
             raise ValueError(f"mask must be 'current' or 'seen', got {mask!r}")
         if kind not in ("linear", "cosine"):
@@ -45,16 +49,10 @@ class IncrementalHead(nn.Module):
         self.register_buffer("frozen_weight", torch.zeros(num_classes, in_features))
         self.register_buffer("frozen_bias", torch.zeros(num_classes))
         self.register_buffer("frozen", torch.zeros(num_classes, dtype=torch.bool))
-        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
-        self.register_buffer("current", torch.zeros(num_classes, dtype=torch.bool))
 
     @property
     def num_classes(self) -> int:
         return self.linear.out_features
-
-    def start_task(self, classes: Sequence[int]) -> None:
-        """Classes of the task about to train: they become current and seen."""
-        mark_task(self.current, self.seen, classes)
 
     @torch.no_grad()
     def end_task(self) -> None:
@@ -81,10 +79,6 @@ class IncrementalHead(nn.Module):
         allowed = self.current if self.mask == "current" else self.seen
         return logits.masked_fill(~allowed, float("-inf"))
 
-    def eval_logits(self, logits: Tensor) -> Tensor:
-        """Logits masked to every class seen so far (task-agnostic evaluation)."""
-        return logits.masked_fill(~self.seen, float("-inf"))
-
 
 def fit_temperature(scores: Tensor, labels: Tensor, low: float = 1e-4, high: float = 1e4) -> float:
     """The temperature ``T`` minimising the negative log-likelihood of ``labels`` under ``softmax(scores / T)``.
@@ -110,43 +104,7 @@ def fit_temperature(scores: Tensor, labels: Tensor, low: float = 1e-4, high: flo
     return 1.0 / math.exp(0.5 * (lo + hi))
 
 
-# -- heads that train nothing: class statistics accumulated task by task -----------------------------------------
-class StatisticsHead(nn.Module):
-    """A head fitted in closed form from class statistics of the features, accumulated task by task.
-
-    It never forgets by construction: a finished task's statistics are sums that later tasks only add to.
-    ``update(features, labels)`` accumulates one batch; ``fit()`` solves the head from everything accumulated.
-    The features of a finished task were taken under the backbone of that time (see docs/method.md on drift).
-    """
-
-    #: It needs a statistics pass over each task's training data (features in eval mode) at the task's end.
-    needs_statistics = True
-
-    def __init__(self, in_features: int, num_classes: int) -> None:
-        super().__init__()
-        self.in_features, self.num_classes = in_features, num_classes
-        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
-        self.register_buffer("current", torch.zeros(num_classes, dtype=torch.bool))
-
-    def start_task(self, classes: Sequence[int]) -> None:
-        mark_task(self.current, self.seen, classes)
-
-    def end_task(self) -> None:
-        """Nothing to freeze: the statistics of finished classes are only ever added to."""
-
-    def update(self, features: Tensor, labels: Tensor) -> None:
-        raise NotImplementedError
-
-    def fit(self) -> None:
-        raise NotImplementedError
-
-    def train_logits(self, logits: Tensor) -> Tensor:
-        return logits.masked_fill(~self.current, float("-inf"))
-
-    def eval_logits(self, logits: Tensor) -> Tensor:
-        return logits.masked_fill(~self.seen, float("-inf"))
-
-
+# -- heads that train nothing: class statistics accumulated task by task (`StatisticsHead`) ---------------------
 class NCMHead(StatisticsHead):
     """Cosine nearest class mean: ``scale * cos(feature, mean_c)``; classes without a mean get ``-inf``."""
 
@@ -369,136 +327,7 @@ class RidgeHead(StatisticsHead):
         return self.expand(features) @ self.weight.to(features.dtype)
 
 
-class AlignedHead(StatisticsHead):
-    """A linear classifier aligned on per-class Gaussian feature statistics (SLCA's classifier alignment).
-
-    Per class it keeps the feature sum, count and sum of squares; over all samples the sum of outer products, so
-    the pooled within-class covariance ``S`` is exact whatever the task split. At every ``fit`` it draws
-    ``samples_per_class`` features of every seen class from ``N(mean_c, cov_c)`` (``covariance="shared"``:
-    ``cov_c = S``; ``"diagonal"``: the class's own variances) and trains the linear layer on them with
-    cross-entropy over the seen classes (Adam, ``epochs`` passes, warm-started from the last fit), so old and new
-    classes are compared on equal terms although no old image is kept. A full covariance per class (SLCA's) would
-    be ``classes x dim^2`` numbers (1.3 GB for 200 x 1280 in float32), hence the pooled one. Sampling is seeded by
-    ``seed`` and the number of fits: the same statistics give the same head.
-    """
-
-    def __init__(self, in_features: int, num_classes: int, samples_per_class: int = 256, epochs: int = 5,
-                 lr: float = 1e-2, batch_size: int = 256, covariance: Literal["shared", "diagonal"] = "shared",
-                 shrinkage: float = 1e-3, seed: int = 0) -> None:
-        super().__init__(in_features, num_classes)
-        if covariance not in ("shared", "diagonal"):
-            raise ValueError(f"covariance must be 'shared' or 'diagonal', got {covariance!r}")
-        if samples_per_class < 1 or epochs < 1 or batch_size < 1:
-            raise ValueError("samples_per_class, epochs and batch_size must be >= 1, got "
-                             f"{samples_per_class}, {epochs}, {batch_size}")
-        self.samples_per_class, self.epochs, self.lr, self.batch_size = samples_per_class, epochs, lr, batch_size
-        self.covariance, self.shrinkage, self.seed = covariance, shrinkage, seed
-        self.linear = nn.Linear(in_features, num_classes)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-        self.linear.requires_grad_(False)  # fitted in `fit`, never by the module's optimizer
-        self.register_buffer("class_sum", torch.zeros(num_classes, in_features, dtype=torch.float64))
-        self.register_buffer("class_sq", torch.zeros(num_classes, in_features, dtype=torch.float64))
-        self.register_buffer("class_count", torch.zeros(num_classes, dtype=torch.float64))
-        self.register_buffer("outer", torch.zeros(in_features, in_features, dtype=torch.float64))
-        self.register_buffer("fits", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def update(self, features: Tensor, labels: Tensor) -> None:
-        f = features.double()
-        self.class_sum.index_add_(0, labels, f)
-        self.class_sq.index_add_(0, labels, f * f)
-        self.class_count.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
-        self.outer.add_(f.T @ f)
-
-    def means(self) -> Tensor:
-        return self.class_sum / self.class_count.clamp_min(1.0)[:, None]
-
-    def pooled_covariance(self) -> Tensor:
-        """Within-class covariance pooled over the seen classes (float64), shrunk towards its mean variance."""
-        counts = self.class_count
-        seen = counts > 0
-        n, k = float(counts.sum()), int(seen.sum())
-        means = self.means()[seen]
-        scatter = self.outer - (means.T * counts[seen]) @ means
-        cov = scatter / max(n - k, 1.0)
-        return cov + self.shrinkage * float(cov.diagonal().mean().clamp_min(1e-12)) * torch.eye(
-            cov.shape[0], dtype=cov.dtype, device=cov.device)
-
-    def sample(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """``samples_per_class`` synthetic features of every seen class, and their labels."""
-        classes = torch.nonzero(self.class_count > 0).flatten()
-        means = self.means()[classes]
-        m = self.samples_per_class
-        z = torch.randn(len(classes), m, self.in_features, generator=generator, dtype=torch.float64)
-        if self.covariance == "shared":
-            factor = torch.linalg.cholesky(self.pooled_covariance().cpu())
-            noise = z @ factor.T
-        else:
-            count = self.class_count[classes].clamp_min(1.0)[:, None]
-            var = (self.class_sq[classes] / count - means**2).clamp_min(0.0).cpu()
-            noise = z * (var + self.shrinkage * var.mean()).sqrt()[:, None, :]
-        features = (means.cpu()[:, None, :] + noise).reshape(-1, self.in_features)
-        return features.float(), classes.cpu().repeat_interleave(m)
-
-    def fit(self) -> None:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.fits))
-        features, labels = self.sample(generator)
-        device = self.linear.weight.device
-        linear = nn.Linear(self.in_features, self.num_classes).to(device)
-        with torch.no_grad():
-            linear.weight.copy_(self.linear.weight)
-            linear.bias.copy_(self.linear.bias)
-        optimizer = torch.optim.Adam(linear.parameters(), lr=self.lr)
-        allowed = self.seen.to(device)
-        with torch.enable_grad():
-            for _ in range(self.epochs):
-                order = torch.randperm(len(labels), generator=generator)
-                for start in range(0, len(order), self.batch_size):
-                    index = order[start:start + self.batch_size]
-                    x, y = features[index].to(device), labels[index].to(device)
-                    logits = linear(x).masked_fill(~allowed, float("-inf"))
-                    loss = nn.functional.cross_entropy(logits, y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-        with torch.no_grad():
-            self.linear.weight.copy_(linear.weight)
-            self.linear.bias.copy_(linear.bias)
-        self.fits += 1
-
-    def forward(self, features: Tensor) -> Tensor:
-        return self.linear(features)
-
-
-# -- the registry ------------------------------------------------------------------------------------------------
-HeadFactory = Callable[..., nn.Module]
-_HEADS: dict[str, HeadFactory] = {}
-
-
-def register_head(name: str, factory: HeadFactory) -> None:
-    """Make ``create_head(name, ...)`` build ``factory(in_features, num_classes, **kwargs)``."""
-    _HEADS[name] = factory
-
-
-def list_heads() -> list[str]:
-    return sorted(_HEADS)
-
-
-def create_head(name: str, in_features: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    """A head by registry name: ``linear``, ``cosine`` (trained), ``ncm``, ``ridge``, ``aligned`` (class
-    statistics)."""
-    if name not in _HEADS:
-        raise ValueError(f"Unknown head {name!r}; choose one of {', '.join(list_heads())}.")
-    return _HEADS[name](in_features, num_classes, **kwargs)
-
-
-def is_statistics_head(head: nn.Module) -> bool:
-    """Whether ``head`` is fitted from a statistics pass (`StatisticsHead`) rather than trained by gradient."""
-    return bool(getattr(head, "needs_statistics", False))
-
-
-# Every factory takes the common options (mask, freeze_old_rows, scale) and ignores those it has no use for.
+# -- the registry (``factory(in_features, num_classes, **common options)``) ------------------------------------
 register_head("linear", lambda d, c, **kw: IncrementalHead(d, c, kind="linear", **kw))
 register_head("cosine", lambda d, c, **kw: IncrementalHead(d, c, kind="cosine", **kw))
 register_head("ncm", lambda d, c, mask=None, freeze_old_rows=None, scale=16.0, **kw: NCMHead(d, c, scale, **kw))

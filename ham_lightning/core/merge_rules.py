@@ -1,9 +1,11 @@
 """Merge rules: what happens to the adapters at a task boundary, one small class per method, in a registry.
 
-`HAMConfig.method` names a rule; `create_merge_rule` builds it and `HAMController.end_task` runs it. Rules are
+`HAMConfig.method` names a rule; `create_merge_rule` builds it and `HAMController.end_task` runs it on the
+controller, which a rule sees only through `MergeTarget` (what this module imports of the controller: nothing). Rules are
 ``nn.Module``s attached to the injected model (``<first HAM layer>.ham_state.merge_rule``), so a rule that keeps state
 (``merge_ties``' per-task deltas) saves it in the model's ``state_dict`` and every method resumes from a Lightning
-checkpoint. Registry in timm's style: `register_merge_rule`, `create_merge_rule`, `list_merge_rules`.
+checkpoint. The registry is `ham_lightning.core.registry.MERGE_RULES` (`register_merge_rule`, `create_merge_rule`,
+`list_merge_rules` use it).
 
 * ``ham`` (`HierarchicalMerge`): design.md steps 1-7: similarity, assignment, prune, scale, merge into a group
   slot, reset the active adapter.
@@ -24,15 +26,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ham_lightning.core import algebra
+from ham_lightning.core.registry import MERGE_RULES
 
 if TYPE_CHECKING:
-    from ham_lightning.core.controller import HAMController
+    from ham_lightning.core.config import HAMConfig
+    from ham_lightning.core.layer import HAMLayer
 
 __all__ = [
     "HierarchicalMerge",
@@ -40,6 +44,7 @@ __all__ = [
     "MergeDecision",
     "MergeRule",
     "MergeSum",
+    "MergeTarget",
     "MergeTies",
     "SequentialLoRA",
     "SlotMerge",
@@ -68,6 +73,23 @@ class MergeDecision:
         return asdict(self)
 
 
+class MergeTarget(Protocol):
+    """What a rule may read and call of the controller it runs on (`HAMController` implements it)."""
+
+    config: HAMConfig
+    layers: dict[str, HAMLayer]
+
+    @property
+    def num_tasks_merged(self) -> int: ...
+    @property
+    def occupied(self) -> list[bool]: ...
+    def similarities(self) -> list[float | None]: ...
+    def group_similarities(self) -> list[float | None]: ...
+    def reset_adapter(self, task: int) -> None: ...
+    def adapter_parameters(self) -> list[nn.Parameter]: ...
+    def scalar_parameters(self) -> list[nn.Parameter]: ...
+
+
 class MergeRule(nn.Module):
     """The protocol of a task-boundary rule: `end_task` merges (or not) and returns the `MergeDecision`.
 
@@ -80,11 +102,11 @@ class MergeRule(nn.Module):
     #: The name the rule is registered under (``HAMConfig.method``); set by `register_merge_rule`.
     name: ClassVar[str] = ""
 
-    def end_task(self, controller: HAMController) -> MergeDecision:
+    def end_task(self, controller: MergeTarget) -> MergeDecision:
         """Run the boundary of the task just trained (``controller.num_tasks_merged``) and describe it."""
         raise NotImplementedError
 
-    def num_parameters(self, controller: HAMController) -> dict[str, int]:
+    def num_parameters(self, controller: MergeTarget) -> dict[str, int]:
         """``trainable``: HAM parameters trained; ``adapter_stored``: adapter numbers kept (slots, adapter, scalars)."""
         own = controller.adapter_parameters() + controller.scalar_parameters()
         slots = sum(layer.group_A.numel() + layer.group_B.numel() for layer in controller.layers.values())
@@ -96,19 +118,17 @@ class MergeRule(nn.Module):
 
 
 _R = TypeVar("_R", bound=type[MergeRule])
-_MERGE_RULES: dict[str, type[MergeRule]] = {}
 
 
 def register_merge_rule(name: str) -> Callable[[_R], _R]:
-    """Class decorator: make a `MergeRule` subclass available as ``HAMConfig(method=name)``."""
+    """Class decorator: make a `MergeRule` subclass available as ``HAMConfig(method=name)`` (and
+    ``--model.ham.method name``); a name already registered is refused."""
 
     def register(cls: _R) -> _R:
         if not (isinstance(cls, type) and issubclass(cls, MergeRule)):
             raise TypeError(f"register_merge_rule({name!r}) decorates a MergeRule subclass, got {cls!r}")
-        if name in _MERGE_RULES and _MERGE_RULES[name] is not cls:
-            raise ValueError(f"a merge rule named {name!r} is already registered ({_MERGE_RULES[name].__name__})")
+        MERGE_RULES.register(name, cls)
         cls.name = name
-        _MERGE_RULES[name] = cls
         return cls
 
     return register
@@ -116,28 +136,26 @@ def register_merge_rule(name: str) -> Callable[[_R], _R]:
 
 def list_merge_rules() -> list[str]:
     """Names of the registered merge rules (the accepted values of ``HAMConfig.method``), sorted."""
-    return sorted(_MERGE_RULES)
+    return MERGE_RULES.names()
 
 
 def create_merge_rule(name: str, **kwargs: Any) -> MergeRule:
     """A new instance of the merge rule registered as ``name``."""
-    if name not in _MERGE_RULES:
-        raise ValueError(f"unknown merge rule {name!r}; registered: {', '.join(list_merge_rules())}")
-    return _MERGE_RULES[name](**kwargs)
+    return MERGE_RULES.create(name, **kwargs)
 
 
 # -- helpers shared by the rules --------------------------------------------------------------------------------
-def _mean_importance(controller: HAMController) -> float:
+def _mean_importance(controller: MergeTarget) -> float:
     layers = controller.layers.values()
     return sum(float(layer.importance) for layer in layers) / len(layers)
 
 
-def _group_ranks(controller: HAMController) -> list[int]:
+def _group_ranks(controller: MergeTarget) -> list[int]:
     layers = controller.layers.values()
     return [int(max(int(layer.group_rank_used[i]) for layer in layers)) for i in range(controller.config.max_groups)]
 
 
-def _shared_group_scalars(controller: HAMController) -> list[nn.Parameter]:
+def _shared_group_scalars(controller: MergeTarget) -> list[nn.Parameter]:
     """Each distinct group-scalar tensor once (one shared by all layers, or one per layer)."""
     return list({id(layer.group_scalars): layer.group_scalars for layer in controller.layers.values()}.values())
 
@@ -199,7 +217,7 @@ class HierarchicalMerge(MergeRule):
         return best, False
 
     @torch.no_grad()
-    def end_task(self, controller: HAMController) -> MergeDecision:
+    def end_task(self, controller: MergeTarget) -> MergeDecision:
         cfg = controller.config
         layers = controller.layers.values()
         sims = controller.group_similarities()
@@ -237,13 +255,13 @@ class HierarchicalMerge(MergeRule):
 class SequentialLoRA(MergeRule):
     """``seq_lora``: nothing merges and nothing resets; the one adapter keeps training on the next task."""
 
-    def end_task(self, controller: HAMController) -> MergeDecision:
+    def end_task(self, controller: MergeTarget) -> MergeDecision:
         return MergeDecision(task=controller.num_tasks_merged, group=0, opened=False,
                              similarities=[None] * controller.config.max_groups,
                              importance=_mean_importance(controller), kept_fraction=1.0,
                              group_ranks=_group_ranks(controller))
 
-    def num_parameters(self, controller: HAMController) -> dict[str, int]:
+    def num_parameters(self, controller: MergeTarget) -> dict[str, int]:
         """The one adapter and its scalars (no slot is used)."""
         used = controller.adapter_parameters() + controller.scalar_parameters()
         return {"trainable": sum(p.numel() for p in used if p.requires_grad),
@@ -253,14 +271,14 @@ class SequentialLoRA(MergeRule):
 class SlotMerge(MergeRule):
     """Base of the baselines that keep one merged adapter ``E`` in slot 0: subclasses give `merge_layer`."""
 
-    def merge_layer(self, controller: HAMController, name: str, E: algebra.Factors, D: algebra.Factors,
+    def merge_layer(self, controller: MergeTarget, name: str, E: algebra.Factors, D: algebra.Factors,
                     task: int) -> tuple[Tensor, Tensor, float, float]:
         """New slot factors ``(B, A)`` of layer ``name`` from its effective ``E`` and task delta ``D``, and the
         squared norms (kept, total) of what the rank cap dropped on purpose, or ``(0, 0)`` (kept fraction 1)."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def end_task(self, controller: HAMController) -> MergeDecision:
+    def end_task(self, controller: MergeTarget) -> MergeDecision:
         task = controller.num_tasks_merged
         importance = _mean_importance(controller)
         sims = controller.similarities()
@@ -287,7 +305,7 @@ class SlotMerge(MergeRule):
 class MergeSum(SlotMerge):
     """``merge_sum``: ``E <- E + D_t``."""
 
-    def merge_layer(self, controller: HAMController, name: str, E: algebra.Factors, D: algebra.Factors,
+    def merge_layer(self, controller: MergeTarget, name: str, E: algebra.Factors, D: algebra.Factors,
                     task: int) -> tuple[Tensor, Tensor, float, float]:
         return (*merge_sum(E, D, controller.layers[name].group_rank), 0.0, 0.0)
 
@@ -298,7 +316,7 @@ class FirstSession(SlotMerge):
     is discarded, so the backbone stays as adapted on the first task and the statistics head learns the rest.
     Later tasks still run their epochs (the boundary discards them); only their head statistics count."""
 
-    def merge_layer(self, controller: HAMController, name: str, E: algebra.Factors, D: algebra.Factors,
+    def merge_layer(self, controller: MergeTarget, name: str, E: algebra.Factors, D: algebra.Factors,
                     task: int) -> tuple[Tensor, Tensor, float, float]:
         if task == 0:
             return (*merge_sum(E, D, controller.layers[name].group_rank), 0.0, 0.0)
@@ -309,7 +327,7 @@ class FirstSession(SlotMerge):
 class MergeAverage(SlotMerge):
     """``merge_average``: ``E <- (k E + D_t) / (k + 1)``, the mean of the task deltas."""
 
-    def merge_layer(self, controller: HAMController, name: str, E: algebra.Factors, D: algebra.Factors,
+    def merge_layer(self, controller: MergeTarget, name: str, E: algebra.Factors, D: algebra.Factors,
                     task: int) -> tuple[Tensor, Tensor, float, float]:
         return (*merge_average(E, D, task, controller.layers[name].group_rank), 0.0, 0.0)
 
@@ -327,7 +345,7 @@ class MergeTies(SlotMerge):
         #: layer name -> one ``(B_t, A_t)`` per merged task (``a_t`` folded into ``B_t``).
         self.task_deltas: dict[str, list[algebra.Factors]] = {}
 
-    def merge_layer(self, controller: HAMController, name: str, E: algebra.Factors, D: algebra.Factors,
+    def merge_layer(self, controller: MergeTarget, name: str, E: algebra.Factors, D: algebra.Factors,
                     task: int) -> tuple[Tensor, Tensor, float, float]:
         # Restored deltas come on the checkpoint's device: bring them to the layer's.
         stored = [(b.to(D[0]), a.to(D[1])) for b, a in self.task_deltas.get(name, [])]
@@ -338,7 +356,7 @@ class MergeTies(SlotMerge):
         # energy of the TIES merge kept by the rank-R re-factorisation
         return B, A, float(algebra.norm_sq(B, A)), float(merged.pow(2).sum())
 
-    def num_parameters(self, controller: HAMController) -> dict[str, int]:
+    def num_parameters(self, controller: MergeTarget) -> dict[str, int]:
         """Slots, adapter and scalars, plus the stored per-task factors."""
         counts = super().num_parameters(controller)
         counts["adapter_stored"] += sum(b.numel() + a.numel() for v in self.task_deltas.values() for b, a in v)

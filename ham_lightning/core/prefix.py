@@ -228,6 +228,11 @@ class PrefixSplit:
         return tuple(self.prefix(torch.zeros(1, chans, height, width, device=device, dtype=dtype)).shape[1:])
 
 
+def canonical_point(adapt_from: str) -> str:
+    """A point's canonical name, without a model (``blocks.5.0`` is ``blocks.5``): to compare two settings."""
+    return re.sub(r"^(blocks\.\d+)\.0$", r"\1", adapt_from)
+
+
 def split_model(model: nn.Module, adapt_from: str) -> PrefixSplit:
     """Cut timm ``model`` at ``adapt_from`` ("blocks.5", or "blocks.5.2" inside an EfficientNet/MobileNet stage).
 

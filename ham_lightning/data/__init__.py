@@ -6,7 +6,7 @@ splits, timm-derived transforms, the readers).
 
 from .class_order import DEFAULT_SEED, resolve_class_order, seed_class_order
 from .datamodule import ClassIncrementalDataModule
-from .readers import READERS, DatasetReader, ReadOptions, SplitData, build_reader
+from .readers import READERS, DatasetReader, ReadOptions, SplitData, build_reader, register_reader
 from .sampler import TaskRandomSampler
 from .task_dataset import TaskDataset
 from .task_split import task_ranges, task_sizes
@@ -25,6 +25,7 @@ __all__ = [
     "backbone_data_config",
     "build_reader",
     "build_transform",
+    "register_reader",
     "resolve_class_order",
     "resolve_data_config",
     "seed_class_order",

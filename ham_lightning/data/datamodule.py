@@ -186,6 +186,9 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         self._global_of[self.class_order] = np.arange(self.num_classes)
 
         self.prefix_cache = None if prefix_cache is None else PrefixCacheConfig.coerce(prefix_cache)
+        if self.prefix_cache is not None and self.prefix_cache.adapt_from is None:
+            raise ValueError("prefix_cache.adapt_from is not set: set it to the model's ham.adapt_from (from the "
+                             "command line, --model.ham.adapt_from sets both).")
         if self.prefix_cache is not None:
             backbone = backbone or self.prefix_cache.backbone
             if not augment and self.prefix_cache.views > 1:

@@ -29,16 +29,11 @@ sampler generator sees the same views.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
-import json
 import os
 import re
-import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -47,11 +42,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ham_lightning.core.prefix import PREFIX_KEY, PrefixSplit, multi_prefix, split_model
+from ham_lightning.core.prefix import PrefixSplit, multi_prefix, split_model
 
+from .cache_entries import (
+    CacheFiles,
+    FeatureCacheWarning,
+    cache_files,
+    check_cache,
+    file_sha256,
+    key_digest,
+    open_or_build,
+    remove_stale_temporaries,
+)
+from .cached_dataset import CachedFeatures, CachedTaskDataset, LazyImageStore, epoch_view
 from .image_store import ImageStore, fingerprint
 from .readers.base import SplitData
-from .task_dataset import sample_seed
 
 #: Bumped whenever the layout or the meaning of a cache file changes; part of every key.
 CACHE_FORMAT_VERSION = 1
@@ -59,11 +64,6 @@ CACHE_FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = "~/.cache/ham_lightning/features"
 
 StorageDtype = Literal["float16", "float32"]
-_HASH_CHUNK = 1 << 24
-
-
-class FeatureCacheWarning(UserWarning):
-    """A cache file was found unusable (stale, truncated, corrupt) and is being rebuilt."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,8 @@ class PrefixCacheConfig:
     Args:
         backbone: timm model name (``create_backbone``'s); the datamodule's transforms follow it unless
             ``backbone`` is given to the datamodule too.
-        adapt_from: the point where the trainable top part starts (``"blocks.5"``); see `split_model`.
+        adapt_from: the point where the trainable top part starts (``"blocks.5"``); see `split_model`. Needed;
+            from the command line ``--model.ham.adapt_from`` sets it (the model's cut is the one owner).
         pretrained: load the backbone's pretrained weights (the packaged ones for ``tf_efficientnet_lite0-2``).
         checkpoint_path: weights from a local file instead (its sha256 is the weight tag).
         model_kwargs: more keyword arguments for `create_backbone` (e.g. a tiny ViT's ``depth``).
@@ -92,7 +93,7 @@ class PrefixCacheConfig:
     """
 
     backbone: str
-    adapt_from: str
+    adapt_from: str | None = None
     pretrained: bool = True
     checkpoint_path: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -119,7 +120,8 @@ class PrefixCacheConfig:
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"PrefixCacheConfig.dtype must be 'float16' or 'float32', got {self.dtype!r}.")
         object.__setattr__(self, "also_build", tuple(self.also_build))
-        for point in (self.adapt_from, *self.also_build):
+        points = (*([self.adapt_from] if self.adapt_from is not None else []), *self.also_build)
+        for point in points:
             if not isinstance(point, str) or not re.fullmatch(r"blocks\.\d+(\.\d+)?", point):
                 raise ValueError(f"PrefixCacheConfig: a point must look like 'blocks.5' or 'blocks.5.2', got "
                                  f"{point!r}.")
@@ -182,21 +184,6 @@ class PrefixCacheConfig:
         return split_model(model, self.adapt_from)
 
 
-def file_sha256(path: Path, limit: int | None = None) -> str:
-    """sha256 of a file's bytes (all of them, or the first ``limit``), read in chunks."""
-    digest = hashlib.sha256()
-    remaining = limit
-    with open(path, "rb") as f:
-        while remaining is None or remaining > 0:
-            chunk = f.read(_HASH_CHUNK if remaining is None else min(_HASH_CHUNK, remaining))
-            if not chunk:
-                break
-            digest.update(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-    return digest.hexdigest()
-
-
 def split_identity(data: SplitData, source: str = "", root: Path | None = None) -> str:
     """A hash of what a split's pixels come from, cheap to compute (no image decoded).
 
@@ -220,11 +207,6 @@ def split_identity(data: SplitData, source: str = "", root: Path | None = None) 
     return fingerprint(parts)
 
 
-def key_digest(key: Mapping[str, Any]) -> str:
-    """A short stable hash of a cache key (canonical JSON)."""
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose code computes the cached values (a new one may change them)."""
     import timm
@@ -236,11 +218,6 @@ def library_versions() -> dict[str, str]:
 def view_seed_of(view_seed: int, index: int, view: int) -> int:
     """The seed of view ``view`` of image ``index`` (a fixed, well-mixed function of the three)."""
     return int(np.random.SeedSequence([view_seed, index, view]).generate_state(1, dtype=np.uint64)[0])
-
-
-def epoch_view(epoch_seed: int, index: int, views: int) -> int:
-    """The view of image ``index`` an epoch with ``epoch_seed`` reads (`TaskDataset`'s per-sample seed mix)."""
-    return sample_seed(epoch_seed, index) % views
 
 
 def view_input(
@@ -269,130 +246,6 @@ class _ViewInputs(Dataset[torch.Tensor]):
 
     def __getitem__(self, k: int) -> torch.Tensor:
         return view_input(self.store, k // self.views, k % self.views, self.transform, self.view_seed)
-
-
-@dataclass(frozen=True)
-class CacheFiles:
-    """The paths of one cache entry."""
-
-    stem: Path
-
-    @property
-    def array(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".npy")
-
-    @property
-    def manifest(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".json")
-
-    @property
-    def lock(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".lock")
-
-
-def cache_files(directory: str | os.PathLike[str], name: str, key: Mapping[str, Any]) -> CacheFiles:
-    """Where the entry of ``key`` lives: ``directory/<name>-<digest>.*`` (``name`` made file-name safe)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "features"
-    return CacheFiles(Path(directory).expanduser() / f"{safe}-{key_digest(key)}")
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def check_cache(files: CacheFiles, key: Mapping[str, Any], verify_checksum: bool = True) -> str | None:
-    """Why the entry at ``files`` cannot be used for ``key`` (None: it can). Missing files and no manifest at all
-    give ``"missing"``."""
-    if not files.manifest.is_file():
-        return "missing" if not files.array.exists() else "it has no manifest (an interrupted build?)"
-    try:
-        manifest = json.loads(files.manifest.read_text())
-        shape, dtype, size, checksum = (tuple(manifest["shape"]), np.dtype(manifest["dtype"]),
-                                        int(manifest["file_bytes"]), manifest["sha256"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"its manifest {files.manifest.name} is unreadable ({type(err).__name__}: {err})"
-    stored_key = manifest.get("key") if isinstance(manifest.get("key"), dict) else {}
-    expected = json.loads(json.dumps(key, sort_keys=True, default=str))  # as the manifest stores it
-    if stored_key != expected:
-        changed = sorted(k for k in set(expected) | set(stored_key) if stored_key.get(k) != expected.get(k))
-        return f"it is stale: its key differs in {changed or 'format'}"
-    if not files.array.is_file():
-        return "the manifest has no array file"
-    actual = files.array.stat().st_size
-    if actual != size:
-        return f"the file is truncated or has the wrong size ({actual} bytes, the manifest says {size})"
-    try:
-        array = np.load(files.array, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as err:
-        return f"the file cannot be read as .npy ({type(err).__name__}: {err})"
-    if array.shape != shape or array.dtype != dtype:
-        return f"the file holds {array.shape} {array.dtype}, the manifest says {shape} {dtype}"
-    del array
-    if verify_checksum and file_sha256(files.array) != checksum:
-        return "its checksum does not match the manifest (the file was modified or is corrupt)"
-    return None
-
-
-def open_or_build(
-    entries: list[tuple[CacheFiles, Mapping[str, Any]]],
-    build: Callable[[list[int], list[Path]], list[tuple[tuple[int, ...], str]]],
-    verify_checksum: bool = True,
-    info: Mapping[str, Any] | None = None,
-) -> list[np.ndarray]:
-    """Read-only memory maps of the cache ``entries`` (files, key), those missing or unusable built first.
-
-    ``build(needed, tmp_paths)`` writes the arrays of entries ``needed`` (indices into ``entries``, one pass for
-    all of them) as ``.npy`` to ``tmp_paths`` and returns their shapes and dtypes. Each file is moved in place and
-    its manifest written only once the build succeeded, all under the entries' locks, so an interrupted or
-    concurrent build never leaves a half-written entry that looks complete. ``info`` goes into the manifests
-    (not the keys): what a reader of the folder wants to know.
-    """
-    with contextlib.ExitStack() as stack:
-        for lock in sorted({files.lock for files, _ in entries}):
-            stack.enter_context(_locked(lock))
-        needed = []
-        for i, (files, key) in enumerate(entries):
-            reason = check_cache(files, key, verify_checksum)
-            if reason is None:
-                continue
-            if reason != "missing":
-                warnings.warn(f"Feature cache {files.array}: {reason}; rebuilding it.", FeatureCacheWarning,
-                              stacklevel=3)
-            # Holding the lock, nothing else writes this entry: what is there (a killed build's temporary
-            # file included) is garbage.
-            for stale in (files.manifest, files.array, *files.array.parent.glob(f"{files.stem.name}.tmp-*")):
-                stale.unlink(missing_ok=True)
-            needed.append(i)
-        if needed:
-            tmps = [entries[i][0].array.with_name(f"{entries[i][0].stem.name}.tmp-{os.getpid()}.npy") for i in needed]
-            start = time.perf_counter()
-            try:
-                results = build(needed, tmps)
-                for tmp, i in zip(tmps, needed):
-                    os.replace(tmp, entries[i][0].array)
-            finally:
-                for tmp in tmps:
-                    tmp.unlink(missing_ok=True)
-            seconds = round(time.perf_counter() - start, 2)
-            for i, (shape, dtype) in zip(needed, results):
-                files, key = entries[i]
-                manifest = {
-                    "key": key, "shape": list(shape), "dtype": dtype, "file_bytes": files.array.stat().st_size,
-                    "sha256": file_sha256(files.array), "build_seconds": seconds,
-                    "built_with": [str(entries[j][0].array.name) for j in needed],
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "info": dict(info or {}),
-                }
-                tmp_manifest = files.manifest.with_name(f"{files.manifest.name}.tmp-{os.getpid()}")
-                tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
-                os.replace(tmp_manifest, files.manifest)
-        return [np.load(files.array, mmap_mode="r", allow_pickle=False) for files, _ in entries]
 
 
 def compute_features(
@@ -442,86 +295,6 @@ def compute_features(
         shapes.append((tuple(out.shape), dtype))
     del outs
     return shapes
-
-
-class CachedFeatures:
-    """A built cache entry: the ``N x V x *h`` activations of a split, opened lazily (and again in each loader
-    worker, so a worker never pickles the memory map's data)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._array: np.ndarray | None = None
-
-    @property
-    def array(self) -> np.ndarray:
-        if self._array is None:
-            self._array = np.load(self.path, mmap_mode="r", allow_pickle=False)
-        return self._array
-
-    @property
-    def views(self) -> int:
-        return int(self.array.shape[1])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape of one image's activations ``h``."""
-        return tuple(self.array.shape[2:])
-
-    def __len__(self) -> int:
-        return int(self.array.shape[0])
-
-    def get(self, index: int, view: int = 0) -> torch.Tensor:
-        """View ``view`` of image ``index`` as a float32 tensor."""
-        return torch.from_numpy(np.array(self.array[index, view], dtype=np.float32))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "_array": None}
-
-
-class CachedTaskDataset(Dataset[tuple[dict[str, torch.Tensor], int]]):
-    """`TaskDataset`'s cached counterpart: ``({"prefix": h}, global label)`` for positions ``indices``.
-
-    A key ``(position, epoch_seed)`` from `TaskRandomSampler` reads view `epoch_view(epoch_seed, index)`; a plain
-    position reads view 0.
-    """
-
-    def __init__(self, features: CachedFeatures, labels: torch.Tensor, indices: np.ndarray) -> None:
-        self.features = features
-        self.labels = labels
-        self.indices = np.asarray(indices, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[dict[str, torch.Tensor], int]:
-        position, epoch_seed = key if isinstance(key, tuple) else (key, None)
-        index = int(self.indices[position])
-        views = self.features.views
-        view = 0 if epoch_seed is None or views == 1 else epoch_view(epoch_seed, index, views)
-        return {PREFIX_KEY: self.features.get(index, view)}, int(self.labels[index])
-
-    def targets(self) -> torch.Tensor:
-        """Global labels of the samples, in dataset order."""
-        return self.labels[torch.from_numpy(self.indices)]
-
-
-class LazyImageStore(ImageStore):
-    """An image store built on first use: with a cache hit the images are never decoded."""
-
-    def __init__(self, count: int, build: Callable[[], ImageStore]) -> None:
-        self._count, self._build, self._store = count, build, None
-
-    @property
-    def store(self) -> ImageStore:
-        if self._store is None:
-            self._store = self._build()
-        return self._store
-
-    def __len__(self) -> int:
-        return self._count
-
-    def get(self, index: int) -> torch.Tensor:
-        return self.store.get(index)
 
 
 def prefix_cache_key(
@@ -611,6 +384,7 @@ __all__ = [
     "epoch_view",
     "key_digest",
     "open_or_build",
+    "remove_stale_temporaries",
     "prefix_cache_key",
     "split_features",
     "split_identity",

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ham_lightning.disk import cached_file
+
 #: File name extensions read as images (torchvision's ``IMG_EXTENSIONS``), compared lower-case.
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -140,23 +142,19 @@ def fingerprint(parts: Iterable[str | bytes]) -> str:
 def cached_array(cache_dir: str | os.PathLike[str] | None, name: str, build: Callable[[], np.ndarray]) -> np.ndarray:
     """``build()``, or its copy saved as ``cache_dir/name.npy`` by an earlier run.
 
-    The file is written only after ``build`` succeeded, through a temporary file and an atomic rename, so a
-    failed or interrupted decode never leaves a half-written cache behind.
+    Built and written under a lock, through a temporary file and an atomic rename (`ham_lightning.disk`, as the
+    prefix-activation cache), so concurrent runs decode a split once and a failed or interrupted decode never
+    leaves a half-written cache behind.
     """
     if cache_dir is None:
         return build()
-    path = Path(cache_dir).expanduser() / f"{name}.npy"
-    if path.is_file():
-        try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
-            pass  # unreadable cache: rebuild it
-    array = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
-    np.save(tmp, array, allow_pickle=False)
-    os.replace(tmp, path)
-    return array
+
+    def write(tmp: Path) -> np.ndarray:
+        array = build()
+        np.save(tmp, array, allow_pickle=False)
+        return array
+
+    return cached_file(Path(cache_dir).expanduser() / f"{name}.npy", lambda p: np.load(p, allow_pickle=False), write)
 
 
 class ImageStore:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ham_lightning.core.controller import HAMController, MergeDecision, find_controller
@@ -16,7 +20,10 @@ class HierarchicalMergeCallback(ContinualEvaluation):
     """At each task boundary: similarity, assignment, prune, scale, merge, reset (``HAMController.end_task``).
 
     Works on `HAMModule` and on any LightningModule whose backbone went through `ham_lightning.inject` (the
-    controller is found on the module). The optimizer and LR schedulers restart for the next task (see
+    controller is found on the module), with all of HAM on both: with ``HAMConfig(protect_inputs=...)`` it keeps
+    each new adapter off earlier tasks' input subspaces (at each task's start and after every training batch) and
+    runs the pass that collects them after each merge; statistics heads (`ham_lightning.core.heads`) in the
+    module are fitted in that same pass (see `ContinualEvaluation`). The optimizer and LR schedulers restart for the next task (see
     `ContinualEvaluation`). The merge history has one owner, the controller (``find_controller(model).history``),
     saved in the model's ``state_dict``; this callback only reads it.
 
@@ -57,7 +64,61 @@ class HierarchicalMergeCallback(ContinualEvaluation):
                 "Pass the same HierarchicalMergeCallback instance to every task's Trainer (it holds the sequence's "
                 "state), or resume from a checkpoint that has both."
             )
-        super().on_fit_start(trainer, pl_module)
+        self._fit_starting = True
+        try:
+            super().on_fit_start(trainer, pl_module)
+        finally:
+            self._fit_starting = False
+
+    @override
+    def _start_task(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super()._start_task(trainer, pl_module)
+        controller = self._controller
+        if controller is None:
+            return
+        # A fit's start (a resume, or the next fit of a one-fit-per-task loop) starts the task again: the boundary
+        # already projected the fresh adapter and observed the task, and a second A(I-P) would change A's last
+        # bits (a resumed run would then differ from an uninterrupted one).
+        if not getattr(self, "_fit_starting", False) or controller.num_tasks_merged == 0:
+            controller.protect_()  # the fresh adapter starts off the old tasks' subspace
+        if controller.router is not None and not controller.router.has_task_statistics:
+            self.observe_task(trainer, pl_module)
+
+    @torch.no_grad()
+    def observe_task(self, trainer: Trainer, pl_module: LightningModule) -> list[float | None]:
+        """The current task's data statistics for routing and data similarity (`HAMController.observe_task`):
+        one pass over its training data in a fixed order (the shuffling generator is not touched, so a resumed
+        run observes exactly what the uninterrupted one did) through the module's forward, stopped at the
+        adapted part."""
+        controller = self._controller
+        assert controller is not None
+        train = self._datamodule(trainer).train_dataloader()
+        loader = DataLoader(train.dataset, batch_size=train.batch_size or 256, shuffle=False)
+        was_training = pl_module.training
+        pl_module.eval()
+        batches = (move_data_to_device(x, pl_module.device) for x, _ in loader)
+        sims = controller.observe_task(batches, pl_module)
+        pl_module.train(was_training)
+        return sims
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._controller is not None:
+            self._controller.protect_()  # keep A off the old tasks' subspace after every optimizer step
+
+    @override
+    def _statistics_pass(self, trainer: Trainer, pl_module: LightningModule,
+                         collecting: contextlib.AbstractContextManager[Any] | None = None) -> None:
+        controller = self._controller
+        if controller is None or not controller.needs_input_pass:
+            super()._statistics_pass(trainer, pl_module, collecting)
+            return
+        with contextlib.ExitStack() as stack:  # the heads' statistics and the input moments in one pass
+            if collecting is not None:
+                stack.enter_context(collecting)
+            super()._statistics_pass(trainer, pl_module, controller.collecting_inputs())
+        controller.update_protection()
 
     @override
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> dict[str, float]:

@@ -105,7 +105,7 @@ class TaskAccuracy(Metric):
 
     def log_dict(self, prefix: str, key: str = "{prefix}/acc_task_{task}") -> dict[str, Tensor]:
         """The accuracy of every task that has samples, keyed by ``key``, for ``LightningModule.log_dict``."""
-        acc = self.compute()
+        acc = self.compute().reshape(-1)  # torchmetrics squeezes one task's accuracy to a scalar
         with self.sync_context():
             present = (self.total > 0).tolist()
         return {key.format(prefix=prefix, task=j): acc[j] for j in range(self.num_tasks) if present[j]}

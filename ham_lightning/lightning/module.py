@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -12,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -22,10 +20,15 @@ from ham_lightning.core.heads import HeadKind, IncrementalHead, LogitMask, creat
 from ham_lightning.core.norm import freeze_norm_layers
 from ham_lightning.core.prefix import PREFIX_KEY, PrefixSplit, split_model
 from ham_lightning.core.subspace import InputSubspace
+from ham_lightning.lightning.evaluation import TaskAccuracy
+from ham_lightning.lightning.task_protocol import TaskAware
 
 
-class HAMModule(LightningModule):
+class HAMModule(LightningModule, TaskAware):
     """Backbone (timm name or ``nn.Module``) + HAM layers + one head over every class of the scenario.
+
+    Nothing here is HAMModule's own: the sequence driver (`HierarchicalMergeCallback`) drives its heads, its
+    controller's input protection and the statistics pass exactly as on a user's module with ``hl.inject``.
 
     Args:
         backbone: a timm model name (full weight tag, e.g. ``vit_base_patch16_224.augreg_in21k``) or a module
@@ -98,10 +101,6 @@ class HAMModule(LightningModule):
             if self.ham_config.freeze_norm:
                 freeze_norm_layers(self.backbone)
         self._split: PrefixSplit | None = None  # built on first use: see `prefix_split`
-        # Earlier tasks' input subspaces, kept off by each new adapter (HAMConfig.protect_inputs).
-        self.subspace: InputSubspace | None = None
-        if self.ham is not None and self.ham_config.protect_inputs > 0:
-            self.subspace = InputSubspace(self.ham.layers, self.ham_config.protect_inputs)
         dim = int(feature_dim or _feature_dim(self.backbone))
         self.head = create_head(head, dim, num_classes, mask=head_mask, freeze_old_rows=freeze_old_rows,
                                 scale=head_scale, **(head_kwargs or {}))
@@ -155,70 +154,39 @@ class HAMModule(LightningModule):
         calibrated = getattr(self.head, "probabilities", None)
         return calibrated(logits) if calibrated is not None else torch.softmax(logits, dim=-1)
 
-    # -- task hooks (called by ContinualEvaluation / HierarchicalMergeCallback) ----------------------------------
+    @property
+    def subspace(self) -> InputSubspace | None:
+        """Earlier tasks' input subspaces kept off each new adapter (``ham.protect_inputs``; the controller's)."""
+        return self.ham.subspace if self.ham is not None else None
+
+    # -- the task sequence (TaskAware; heads and protection are driven by the callback) --------------------------
+    @override
     def on_task_start(self, task: int, classes: Sequence[int]) -> None:
         self.task = task
-        self.head.start_task(classes)
-        if self.loss_head is not None:
-            self.loss_head.start_task(classes)
-        if self.subspace is not None:
-            self.subspace.project_()  # the fresh adapter starts off the old tasks' subspace
-        if self.ham is not None and self.ham.router is not None:
-            self.observe_task()
-
-    @torch.no_grad()
-    def observe_task(self, loader: Any = None) -> list[float | None]:
-        """The current task's data statistics for routing and data similarity (`HAMController.observe_task`):
-        one pass over its training data in a fixed order (the shuffling generator is not touched, so a resumed
-        run observes exactly what the uninterrupted one did), stopped at the adapted part."""
-        assert self.ham is not None
-        if loader is None:
-            from torch.utils.data import DataLoader
-
-            train = self.trainer.datamodule.train_dataloader()
-            loader = DataLoader(train.dataset, batch_size=train.batch_size or 256, shuffle=False)
-        was_training = self.training
-        self.eval()
-        batches = (move_data_to_device(x, self.device) for x, _ in loader)
-        sims = self.ham.observe_task(batches, self.features)
-        self.train(was_training)
-        return sims
-
-    def on_task_end(self, task: int) -> None:
-        self.head.end_task()
-        if self.loss_head is not None:
-            self.loss_head.end_task()
-
-    def on_task_merged(self, task: int) -> None:
-        """After the boundary's merge: the statistics pass, so the head sees the features it will be used on."""
-        if is_statistics_head(self.head) or self.subspace is not None:
-            self.task_statistics_pass()
-
-    @torch.no_grad()
-    def task_statistics_pass(self, loader: Any = None) -> None:
-        """One pass over the current task's training data in eval mode: the head's class statistics (then its
-        closed-form fit) and the layers' input subspace (then the new projectors), whichever are in use."""
-        if loader is None:
-            loader = self.trainer.datamodule.train_dataloader()
-        statistics = is_statistics_head(self.head)
-        was_training = self.training
-        self.eval()
-        with self.subspace.collect() if self.subspace is not None else contextlib.nullcontext():
-            for x, y in loader:
-                x, y = move_data_to_device((x, y), self.device)
-                features = self.features(x).float()
-                if statistics:
-                    self.head.update(features, y)
-        if statistics:
-            self.head.fit()
-        if self.subspace is not None:
-            self.subspace.update()
-        self.train(was_training)
 
     @override
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.subspace is not None:
-            self.subspace.project_()  # keep A off the old tasks' subspace after every optimizer step
+    def on_fit_start(self) -> None:
+        """A datamodule serving cached prefix activations must cut where the model does (``ham.adapt_from``)."""
+        from ham_lightning.core.prefix import canonical_point
+
+        cache = getattr(getattr(self.trainer, "datamodule", None), "prefix_cache", None)
+        cut = getattr(cache, "adapt_from", None)
+        own = self.ham_config.adapt_from
+        if cut is not None and (own is None or canonical_point(own) != canonical_point(cut)):
+            raise ValueError(
+                f"The datamodule caches activations cut at {cut!r} (prefix_cache.adapt_from) but the model adapts "
+                f"from {own!r} (ham.adapt_from): it would train on the wrong blocks. Set both to the same block "
+                "(from the command line --model.ham.adapt_from alone sets both)."
+            )
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before the controller owned the input subspace kept it under ``subspace.``."""
+        state = checkpoint.get("state_dict", {})
+        if self.ham is not None and any(k.startswith("subspace.") for k in state):
+            where = f"backbone.{self.ham.state_name}.subspace."
+            checkpoint["state_dict"] = {(where + k[len("subspace."):] if k.startswith("subspace.") else k): v
+                                        for k, v in state.items()}
 
     # -- steps --------------------------------------------------------------------------------------------------
     @override
@@ -232,20 +200,44 @@ class HAMModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
         return loss
 
-    def _eval_step(self, batch: tuple[Any, Tensor], stage: str) -> None:
+    def _eval_step(self, batch: tuple[Any, Tensor], dataloader_idx: int) -> None:
         x, y = batch
-        preds = self.head.eval_logits(self(x).float()).argmax(dim=1)
-        acc = (preds == y).float().mean()
-        # Lightning appends "/dataloader_idx_k" per seen task's loader.
-        self.log(f"{stage}/acc", acc, batch_size=y.shape[0], sync_dist=True)
+        self._task_accuracy().update(self.head.eval_logits(self(x).float()), y, task=dataloader_idx)
+
+    def _task_accuracy(self, num_tasks: int | None = None) -> TaskAccuracy:
+        """The `TaskAccuracy` of the evaluation running (one task per loader: Lightning's ``dataloader_idx``)."""
+        if num_tasks is not None:  # a new evaluation: a fresh metric, not a module child (no state, no summary)
+            self.__dict__["_accuracy"] = TaskAccuracy(num_tasks=max(1, num_tasks)).to(self.device)
+        return self.__dict__["_accuracy"]
+
+    def _log_task_accuracy(self, stage: str) -> None:
+        # Already summed over processes by the metric: no sync_dist.
+        self.log_dict(self._task_accuracy().log_dict(stage), add_dataloader_idx=False)
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        loaders = max(len(self.trainer.num_val_batches), len(self.trainer.num_sanity_val_batches))
+        self._task_accuracy(loaders)
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._task_accuracy(len(self.trainer.num_test_batches))
 
     @override
     def validation_step(self, batch: tuple[Any, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch, dataloader_idx)
 
     @override
     def test_step(self, batch: tuple[Any, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch, dataloader_idx)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_task_accuracy("val")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_task_accuracy("test")
 
     # -- optimisation -------------------------------------------------------------------------------------------
     @override

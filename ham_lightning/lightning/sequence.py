@@ -7,10 +7,14 @@ Two ways of driving a sequence give the same numbers (design.md section 2):
 * one ``fit`` over the whole sequence: the boundary is every ``epochs_per_task`` epochs. The optimizer and LR
   schedulers are rebuilt at the start of the next task, exactly as a new ``fit`` would, and the datamodule serves
   the next task's loader (the trainer must reload dataloaders at boundaries).
+
+The driver also drives the module: every `Head` in it (``start_task`` / ``end_task``, the statistics pass of
+statistics heads) and, for a `TaskAware` module, its hooks, called directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -21,7 +25,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from ham_lightning.lightning.evaluation import Counts, continual_metrics, evaluate_tasks
-from ham_lightning.lightning.task_protocol import TaskProtocol, check_task_protocol
+from ham_lightning.lightning.statistics import statistics_pass, task_heads
+from ham_lightning.lightning.task_protocol import TaskProtocol, check_task_protocol, task_aware
 
 
 def resolve_epochs_per_task(callback: Any, datamodule: Any) -> int | None:
@@ -123,22 +128,34 @@ class ContinualEvaluation(Callback):
     def _resolved_epochs_per_task(self, trainer: Trainer) -> int | None:
         return resolve_epochs_per_task(self, trainer.datamodule)
 
-    @staticmethod
-    def _call_module(pl_module: LightningModule, hook: str, *args: Any) -> None:
-        fn = getattr(pl_module, hook, None)
-        if callable(fn):
-            fn(*args)
-
     def _start_task(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The current task becomes the datamodule's, the heads' and the module's."""
         dm = self._datamodule(trainer)
         dm.set_task(self._task)
-        self._call_module(pl_module, "on_task_start", self._task, list(dm.task_classes(self._task)))
+        classes = list(dm.task_classes(self._task))
+        for head in task_heads(pl_module):
+            head.start_task(classes)
+        module = task_aware(pl_module)
+        if module is not None:
+            module.on_task_start(self._task, classes)
+
+    def _statistics_pass(self, trainer: Trainer, pl_module: LightningModule,
+                         collecting: contextlib.AbstractContextManager[Any] | None = None) -> None:
+        """After the merge: fit the statistics heads (if any) on the task's training data, inside ``collecting``
+        (a subclass's own statistics, such as HAM's input moments)."""
+        heads = [h for h in task_heads(pl_module) if h.needs_statistics]
+        if heads or collecting is not None:
+            statistics_pass(pl_module, self._datamodule(trainer).train_dataloader(), heads, collecting)
 
     # -- hooks --------------------------------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dm = self._datamodule(trainer)
         self._resolved_epochs_per_task(trainer)  # a conflicting setting fails before anything trains
+        try:
+            task_aware(pl_module)  # hooks that would never be called fail before anything trains
+        except TypeError as err:
+            raise MisconfigurationException(str(err)) from None
         if trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs:
             raise MisconfigurationException(
                 f"This Trainer already ran {trainer.current_epoch} of max_epochs={trainer.max_epochs} epochs, so "
@@ -206,12 +223,18 @@ class ContinualEvaluation(Callback):
         dm = self._datamodule(trainer)
         task = self._task
         profile = trainer.profiler.profile  # each phase of the boundary is a profiler action of its own
+        module = task_aware(pl_module)
         with profile("[TaskBoundary]merge"):
-            self._call_module(pl_module, "on_task_end", task)
+            for head in task_heads(pl_module):
+                head.end_task()
+            if module is not None:
+                module.on_before_merge(task)
             extra = self.on_task_end(trainer, pl_module, task)
         # After the merge, before evaluation: what the module computes on the model it will predict with.
-        with profile("[TaskBoundary]on_task_merged (statistics pass, head fit, input subspace)"):
-            self._call_module(pl_module, "on_task_merged", task)
+        with profile("[TaskBoundary]statistics pass (head fit, input subspace)"):
+            self._statistics_pass(trainer, pl_module)
+            if module is not None:
+                module.on_after_merge(task)
         record: dict[str, Any] = {
             "task": task,
             "wall_time_s": time.perf_counter() - self._task_start_time if self._task_start_time else None,

@@ -184,7 +184,7 @@ def test_a_registered_rule_is_a_method() -> None:
         assert ctl.model.state_dict()[f"{ctl.state_name}.merge_rule.boundaries"] == 2
         assert ctl.num_tasks_merged == 2
     finally:
-        baselines._MERGE_RULES.pop("test_freeze_adapter")
+        baselines.MERGE_RULES.unregister("test_freeze_adapter")
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -308,6 +308,24 @@ def test_a_killed_build_leaves_nothing_that_is_used(tmp_path: Path, monkeypatch)
     assert not list(cache.glob("*.tmp-*"))
 
 
+def test_temporaries_of_killed_builds_are_deleted_but_not_those_of_a_running_build(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = [cache / "digits-train-x-blocks.6-aaaa.tmp-4242.npy", cache / "digits-train-x-blocks.6-aaaa.json.tmp-4242",
+            cache / "other-bbbb.tmp-17.npy"]
+    running = cache / "digits-test-x-blocks.6-cccc.tmp-99.npy"
+    kept = [cache / "digits-train-x-blocks.6-aaaa.npy", cache / "notes.txt"]
+    for path in [*dead, running, *kept]:
+        path.write_bytes(b"x")
+    with FileLock(str(cache / "digits-test-x-blocks.6-cccc.lock")):  # a build of that entry in progress
+        removed = fc.remove_stale_temporaries(cache)
+    assert sorted(removed) == sorted(dead)
+    assert not any(p.exists() for p in dead) and running.exists() and all(p.exists() for p in kept)
+    assert fc.remove_stale_temporaries(cache) == [running]  # once that build has ended
+
+
 def test_also_build_fills_sibling_points_in_one_pass(tmp_path: Path, monkeypatch) -> None:
     calls: list[int] = []
     real = fc.compute_features

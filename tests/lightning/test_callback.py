@@ -189,5 +189,5 @@ def test_each_phase_of_a_task_boundary_is_a_profiler_action() -> None:
     run_one_fit(hl.HierarchicalMergeCallback(), profiler=profiler)
     phases = {k: len(v) for k, v in profiler.recorded_durations.items() if k.startswith("[TaskBoundary]")}
     assert sorted(phases) == ["[TaskBoundary]evaluate seen tasks", "[TaskBoundary]merge",
-                              "[TaskBoundary]on_task_merged (statistics pass, head fit, input subspace)"]
+                              "[TaskBoundary]statistics pass (head fit, input subspace)"]
     assert set(phases.values()) == {3}  # three tasks, one of each per boundary
