@@ -22,7 +22,8 @@ from .image_store import ImageStore
 from .readers import READERS, ReadOptions, build_reader
 from .readers.base import Split, SplitData
 from .readers.validation import ValidationReader
-from .sampler import TaskRandomSampler
+from .sampler import TaskRandomSampler, task_seed
+from .scenario_checks import check_positive, check_scenario
 from .task_dataset import TaskDataset
 from .task_split import task_ranges, task_sizes
 from .transforms import build_transform, resolve_data_config
@@ -34,11 +35,6 @@ class _LoadedSplit:
     labels: torch.Tensor  # global class index per image of the store
     task_indices: list[np.ndarray]  # positions in the store of each task's samples
     features: CachedFeatures | None = None  # cached prefix activations, with a prefix cache
-
-
-def _task_seed(seed: int, task: int, stream: int) -> int:
-    """A well-mixed 64-bit seed for (seed, task, stream); streams keep shuffling and worker seeds apart."""
-    return int(np.random.SeedSequence([seed, task, stream]).generate_state(1, dtype=np.uint64)[0])
 
 
 class ClassIncrementalDataModule(pl.LightningDataModule):
@@ -128,7 +124,7 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        _check_positive(batch_size=batch_size, eval_batch_size=eval_batch_size, epochs_per_task=epochs_per_task,
+        check_positive(batch_size=batch_size, eval_batch_size=eval_batch_size, epochs_per_task=epochs_per_task,
                         limit_per_class_train=limit_per_class_train, limit_per_class_test=limit_per_class_test)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
@@ -206,15 +202,10 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
                                                hflip=flip)
         self.eval_transform = build_transform(self.data_config, train=False)
 
-        self.hparams["split"] = self._reader.split
-        self.hparams["source"] = self._reader.source
-        self.hparams["num_classes"] = self.num_classes
-        self.hparams["task_sizes"] = self.task_sizes
-        self.hparams["task_domains"] = self.task_domains
-        self.hparams["class_order_resolved"] = self.class_order
-        self.hparams["data_config"] = self.data_config.to_dict()
-        self.hparams["train_crop_resolved"] = crop
-        self.hparams["hflip_resolved"] = flip
+        self.hparams.update(  # what was resolved, for results.json and a re-runnable config
+            split=self._reader.split, source=self._reader.source, num_classes=self.num_classes,
+            task_sizes=self.task_sizes, task_domains=self.task_domains, class_order_resolved=self.class_order,
+            data_config=self.data_config.to_dict(), train_crop_resolved=crop, hflip_resolved=flip)
         if self.prefix_cache is not None:
             self.hparams["prefix_cache"] = asdict(self.prefix_cache)
 
@@ -295,7 +286,7 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             drop_last=False,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(_task_seed(self.seed, task, 1)),
+            generator=torch.Generator().manual_seed(task_seed(self.seed, task, 1)),
         )
         self._train_loader = (task, loader)
         return loader
@@ -388,61 +379,18 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
                 shuffle=False,
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
-                generator=torch.Generator().manual_seed(_task_seed(self.seed, task, 2)),
+                generator=torch.Generator().manual_seed(task_seed(self.seed, task, 2)),
             )
         return self._test_loaders[task]
 
     def _generator(self, task: int) -> torch.Generator:
         if task not in self._generators:
-            self._generators[task] = torch.Generator().manual_seed(_task_seed(self.seed, task, 0))
+            self._generators[task] = torch.Generator().manual_seed(task_seed(self.seed, task, 0))
         return self._generators[task]
 
     def _check_task(self, task: int) -> None:
         if isinstance(task, bool) or not isinstance(task, (int, np.integer)) or not 0 <= task < self.num_tasks:
             raise ValueError(f"task must be an integer in 0..{self.num_tasks - 1}, got {task!r}.")
-
-
-def check_scenario(dataset: str, root: str | None, num_classes: int, class_names: list[str] | None,
-                   num_tasks: int | None, increment: int | None, initial_classes: int | None) -> None:
-    """Refuse, before any training, a scenario that cannot work, and say what the user probably meant.
-
-    Fewer than 2 classes is an error (often ``root`` one level too high: a single folder holding the class
-    folders, or ``train/`` and ``test/``); a task of a single class is warned about (with the current-task logit
-    mask its loss is identically 0, so it learns nothing), naming the ``num_tasks`` that give 2+ classes a task.
-    """
-    import warnings
-    from pathlib import Path
-
-    names = list(class_names or [])
-    if num_classes < 2:
-        hint = ""
-        if root is not None and len(names) == 1:
-            inner = Path(root) / names[0]
-            sub = sorted(p.name for p in inner.iterdir() if p.is_dir()) if inner.is_dir() else []
-            if sub:
-                hint = (f" {root} holds one folder, {names[0]}/, which holds folders ({', '.join(sub[:4])}"
-                        f"{', ...' if len(sub) > 4 else ''}): did you mean --data.root {inner}?")
-        raise ValueError(f"{dataset}: found {num_classes} class(es) {names[:3]} under {root}; class-incremental "
-                         f"learning needs at least 2 classes.{hint}")
-    try:
-        sizes = task_sizes(num_classes, num_tasks, increment, initial_classes)
-    except ValueError:
-        return  # task_sizes' own error, raised by the caller, says what divides
-    single = [t for t, n in enumerate(sizes) if n < 2]
-    if single:
-        fits = [k for k in range(1, num_classes // 2 + 1) if num_classes % k == 0]
-        warnings.warn(
-            f"{dataset}: {len(single)} of the {len(sizes)} tasks have a single class (tasks {single[:5]}"
-            f"{' ...' if len(single) > 5 else ''}); such a task learns nothing with the default current-task "
-            f"logit mask. For {num_classes} classes, --data.num_tasks {max(fits)} gives "
-            f"{num_classes // max(fits)} classes a task (any of {fits[-4:]} works).",
-            UserWarning, stacklevel=3)
-
-
-def _check_positive(**values: int | None) -> None:
-    for name, value in values.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
 
 
 __all__ = ["ClassIncrementalDataModule"]

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sized
 
+import numpy as np
 import torch
 from torch.utils.data import RandomSampler
+
+
+def task_seed(seed: int, task: int, stream: int) -> int:
+    """A well-mixed 64-bit seed for (seed, task, stream); streams keep shuffling and worker seeds apart."""
+    return int(np.random.SeedSequence([seed, task, stream]).generate_state(1, dtype=np.uint64)[0])
 
 
 class TaskRandomSampler(RandomSampler):
