@@ -76,6 +76,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     ratios = {k: statistics.median(t / b for t, b in zip(times[k], times["bare"])) for k in names}
     routes = variants["routed"].ham_controller.layers["conv_head"].route
+    routes = routes.slots if routes is not None else None
     result = {
         "images_per_second": {k: args.batch / statistics.median(v) for k, v in times.items()},
         "ratio_to_bare": ratios,

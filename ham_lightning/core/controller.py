@@ -13,7 +13,7 @@ from torch import nn
 from ham_lightning.core import algebra
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.layer import HAMLayer
-from ham_lightning.core.merge_rules import MergeDecision, MergeRule, create_merge_rule
+from ham_lightning.core.merge_rules import HierarchicalMerge, MergeDecision, MergeRule, create_merge_rule
 from ham_lightning.core.norm import freeze_norm_layers
 from ham_lightning.core.routing import PrefixRouter, input_dim, run_observed
 from ham_lightning.core.subspace import InputSubspace
@@ -162,8 +162,6 @@ class HAMController:
                 run_observed(lambda x=x: forward(x))
         sims = self.router.similarities(self.occupied)
         if self.config.similarity_source == "data":
-            from ham_lightning.core.merge_rules import HierarchicalMerge
-
             g, _ = HierarchicalMerge.choose_group(sims, self.config.similarity_threshold)
             self.router.planned.fill_(g if self.config.method == "ham" else -1)
         return sims

@@ -20,6 +20,7 @@ from ham_lightning.core.layer_ops import (
     group_path_costs,
     is_adaptable,
 )
+from ham_lightning.core.routing import Routes, add_routed_groups
 
 #: How a layer runs its occupied groups while their scalars train; see `HAMLayer.group_path`.
 GroupPath = Literal["auto", "lowrank", "merged", "merged_dense"]
@@ -113,11 +114,12 @@ class HAMLayer(nn.Module):
         self.register_buffer("group_occupied", torch.zeros(max_groups, dtype=torch.bool, device=weight.device))
         # Host-side copy of max(group_rank_used): reading the buffer in forward would sync the device every step.
         self._active_group_rank = 0
+        self._slot_ranks = [0] * max_groups
         # (key, W_g): the groups fused into the frozen weight, see `fused_weight`. Not state: never saved.
         self._fused: tuple[tuple, Tensor] | None = None
-        #: Per-input group slot (``N`` longs, -1: none) set for one forward by the controller's router
+        #: Per-input group slots (`Routes`, slot -1: none) set for one forward by the controller's router
         #: (`HAMConfig.routing`); None: every group applies to every input (the paper's merged inference).
-        self.route: Tensor | None = None
+        self.route: Routes | None = None
         self.register_load_state_dict_post_hook(_refresh_after_load)
         _install_step_counter()
 
@@ -135,6 +137,7 @@ class HAMLayer(nn.Module):
     def refresh(self) -> None:
         """Re-read the slot ranks after the buffers changed (a merge, ``load_state_dict``); drop the fused weight."""
         self._active_group_rank = int(self.group_rank_used.max().item()) if self.max_groups else 0
+        self._slot_ranks = [int(k) for k in self.group_rank_used.tolist()]  # host copy: routed forwards read it
         self._fused = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -270,7 +273,7 @@ class HAMLayer(nn.Module):
         Paths: ``single`` (no occupied group), ``lowrank``, ``merged``, ``merged_dense`` (see the class).
         """
         k = self._active_group_rank * self.max_groups
-        if k == 0 or self.route is not None:  # routed: the groups are added per input (`_routed_groups`)
+        if k == 0 or self.route is not None:  # routed: the groups are added per input (`add_routed_groups`)
             return "single", False
         c_grad = torch.is_grad_enabled() and self.group_scalars.requires_grad
         path = self._group_path
@@ -288,7 +291,7 @@ class HAMLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self._forward(x)
         if self.route is not None and self._active_group_rank:
-            y = self._routed_groups(x, y)
+            y = add_routed_groups(self, x, y)
         return y
 
     def _forward(self, x: Tensor) -> Tensor:
@@ -301,29 +304,6 @@ class HAMLayer(nn.Module):
             # view runs the frozen weight and the adapter together (fewer, larger ops than three thin conv2d calls).
             return self._forward_linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self._forward_linear(x)
-
-    def _routed_groups(self, x: Tensor, y: Tensor) -> Tensor:
-        """``y`` plus, for every input, the delta of its routed slot only: ``s c_g B_g A_g x_n`` (`route`)."""
-        route = self.route
-        assert route is not None
-        if route.shape[0] != x.shape[0]:
-            raise RuntimeError(f"{route.shape[0]} routes for a batch of {x.shape[0]}: the router's hook must see the "
-                               "same batch as the adapted layers (HAMConfig.routing).")
-        scales = self.group_scalars.detach() * self.scaling
-        for g in torch.unique(route).tolist():
-            if g < 0 or not bool(self.group_occupied[g]):
-                continue
-            idx = torch.nonzero(route == g).flatten()
-            B, A = self.slot_factors(g)
-            xg = x.index_select(0, idx)
-            B, A = (scales[g] * B).to(xg.dtype), A.to(xg.dtype)
-            if self.is_conv:
-                conv = {"stride": self.base.stride, "padding": self.base.padding, "dilation": self.base.dilation}
-                delta = F.conv2d(F.conv2d(xg, A[:, :, None, None], None, **conv), B[:, :, None, None])
-            else:
-                delta = F.linear(F.linear(xg, A), B)
-            y = y.index_add(0, idx, delta.to(y.dtype))
-        return y
 
     def _forward_linear(self, x: Tensor) -> Tensor:
         """The layer on inputs whose last dimension is ``in_features`` (tokens of a Linear, pixels of a 1x1 conv)."""

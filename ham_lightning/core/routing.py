@@ -21,8 +21,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: Ridge added to the shared covariance, relative to its mean variance, so that it inverts.
@@ -50,6 +52,44 @@ def bhattacharyya(mean_a: Tensor, mean_b: Tensor, precision: Tensor) -> float:
     """Bhattacharyya coefficient of two Gaussians sharing the covariance whose inverse is ``precision``."""
     d = mean_a - mean_b
     return math.exp(-float(d @ precision @ d) / 8.0)
+
+
+@dataclass(frozen=True)
+class Routes:
+    """The slot of every input of one forward (``slots``: ``N`` longs, -1 for none) and, per slot taken, the
+    positions of its inputs: computed once per forward by the router's hook and shared by every HAM layer."""
+
+    slots: Tensor
+    members: tuple[tuple[int, Tensor], ...]
+
+    @classmethod
+    def of(cls, slots: Tensor) -> Routes:
+        taken = [g for g in torch.unique(slots).tolist() if g >= 0]  # one host sync per forward, not per layer
+        return cls(slots, tuple((g, torch.nonzero(slots == g).flatten()) for g in taken))
+
+
+def add_routed_groups(layer: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """``y`` plus, for every input of a HAM layer, the delta of its routed slot only: ``s c_g B_g A_g x_n``."""
+    route = layer.route
+    if route.slots.shape[0] != x.shape[0]:
+        raise RuntimeError(f"{route.slots.shape[0]} routes for a batch of {x.shape[0]}: the router's hook must see "
+                           "the same batch as the adapted layers (HAMConfig.routing).")
+    scales = layer.group_scalars.detach() * layer.scaling
+    for g, idx in route.members:
+        k = layer._slot_ranks[g]  # the layer's host copy of its slots' ranks: no device sync per layer
+        if k == 0:
+            continue
+        xg = x.index_select(0, idx)
+        B = (scales[g] * layer.group_B[:, :k, g]).to(xg.dtype)
+        A = layer.group_A[:k, g, :].to(xg.dtype)
+        if layer.is_conv:
+            base = layer.base
+            conv = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
+            delta = F.conv2d(F.conv2d(xg, A[:, :, None, None], None, **conv), B[:, :, None, None])
+        else:
+            delta = F.linear(F.linear(xg, A), B)
+        y = y.index_add(0, idx, delta.to(y.dtype))
+    return y
 
 
 class _Observed(Exception):
@@ -153,15 +193,15 @@ class PrefixRouter(nn.Module):
         scores = pooled.detach().to(torch.float64) @ weight.T + bias
         return used[scores.argmax(dim=1)].to(pooled.device)
 
-    def routes_for(self, x: Tensor, training: bool) -> Tensor:
+    def routes_for(self, x: Tensor, training: bool) -> Routes:
         """What the hook hands to the layers for input ``x`` (the adapted block's input)."""
         pooled = pool(x)
         if self.mode == "observe":
             self.observe(pooled)
             raise _Observed
         if training:
-            return torch.full((x.shape[0],), int(self.planned), dtype=torch.long, device=x.device)
-        return self.route(pooled)
+            return Routes.of(torch.full((x.shape[0],), int(self.planned), dtype=torch.long, device=x.device))
+        return Routes.of(self.route(pooled))
 
     @contextmanager
     def observing(self) -> Iterator[None]:

@@ -82,7 +82,7 @@ def test_groups_follow_the_domains_and_routing_picks_the_right_group() -> None:
     net.eval()
     x = domain("A", 8, seed=5)
     routed = net(x)
-    assert (ham.layers["blocks.0.fc1"].route == 0).all()
+    assert (ham.layers["blocks.0.fc1"].route.slots == 0).all()
     ham.config.routing = False  # the paper's inference: every group on every input
     merged = net(x)
     ham.config.routing = True
@@ -103,7 +103,7 @@ def test_training_runs_on_top_of_the_planned_group() -> None:
     assert int(ham.router.planned) == 1
     net.train()
     net(domain("A", 4))  # even inputs that look like A train on top of the planned slot
-    assert (ham.layers["blocks.0.fc2"].route == 1).all()
+    assert (ham.layers["blocks.0.fc2"].route.slots == 1).all()
     with pytest.raises(RuntimeError, match="routes each input to one group"):
         ham.fold()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -172,8 +173,8 @@ class MixtureReader(DatasetReader):
         cache_parts: list[str | bytes] = [self.name, split]
         for (data, _), label in zip(parts, source_names):
             cache_parts += [label, *data.cache_parts]
-            if data.images is not None:
-                cache_parts.append(np.ascontiguousarray(data.images).tobytes()[:1 << 20])
+            if data.images is not None:  # an in-memory source (digits): its pixels are its identity
+                cache_parts.append(hashlib.sha256(np.ascontiguousarray(data.images).data).hexdigest())
         return SplitData(labels=labels_all, names=names, store=store, cache_parts=cache_parts, cache_stamp=stamp,
                          groups=np.concatenate(groups) if groups else None)
 
