@@ -62,7 +62,7 @@ class HAMConfig:
         default="weights",
         metadata={"help": "What a task is compared with each slot by: 'weights' (cosine of the deltas, design.md) or "
                           "'data' (overlap of the pooled inputs of the adapted part, measured at the task's start; "
-                          "the adapter then trains on top of its slot). Needs adapt_from."},
+                          "with routing the adapter then trains on top of its slot). Needs adapt_from."},
     )
     routing: bool = field(
         default=False,
