@@ -12,6 +12,7 @@ from torch import nn
 
 from ham_lightning.core import algebra
 from ham_lightning.core.config import HAMConfig
+from ham_lightning.core.distributed import summed
 from ham_lightning.core.layer import HAMLayer
 from ham_lightning.core.merge_rules import HierarchicalMerge, MergeDecision, MergeRule, create_merge_rule
 from ham_lightning.core.norm import freeze_norm_layers
@@ -153,11 +154,12 @@ class HAMController:
     def observe_task(self, batches: Iterable[Any], forward: Callable[[Any], Any]) -> list[float | None]:
         """Record the current task's data statistics (``forward(x)`` of each batch, stopped at the adapted part)
         and plan its slot: the adapter then trains on top of that slot's delta and joins it at the boundary.
+        Under DDP each rank passes its share of the batches and the sums are added over the ranks.
         Returns the data similarity to every slot. Needs a router (`HAMConfig.routing` or data similarity)."""
         if self.router is None:
             raise RuntimeError("observe_task needs HAMConfig.routing=True or similarity_source='data'.")
         self.router.reset_task()
-        with self.router.observing():
+        with self.router.observing(), summed(self.router.task_statistics()):
             for x in batches:
                 run_observed(lambda x=x: forward(x))
         sims = self.router.similarities(self.occupied)

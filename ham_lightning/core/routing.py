@@ -135,6 +135,10 @@ class PrefixRouter(nn.Module):
         self.task_outer += p.T @ p
         self.task_count += p.shape[0]
 
+    def task_statistics(self) -> list[Tensor]:
+        """The current task's sums (what `observe` adds to), summed over the ranks under DDP."""
+        return [self.task_sum, self.task_outer, self.task_count]
+
     @property
     def has_task_statistics(self) -> bool:
         return bool(self.task_count > 0)

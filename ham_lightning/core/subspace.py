@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from ham_lightning.core.distributed import sum_increments
 from ham_lightning.core.layer import HAMLayer
 
 
@@ -58,7 +59,8 @@ class InputSubspace(nn.Module):
 
     @contextmanager
     def collect(self) -> Iterator[None]:
-        """While active, every forward of a HAM layer adds its inputs' ``x^T x`` to that layer's moment."""
+        """While active, every forward of a HAM layer adds its inputs' ``x^T x`` to that layer's moment; under DDP
+        each rank adds its share and the shares are summed over the ranks on exit."""
         handles = []
         for name, layer in self._layers.items():
             moment = self.moment(name)
@@ -71,7 +73,8 @@ class InputSubspace(nn.Module):
 
             handles.append(layer.register_forward_pre_hook(hook))
         try:
-            yield
+            with sum_increments([self.moment(name) for name in self._layers]):
+                yield
         finally:
             for h in handles:
                 h.remove()

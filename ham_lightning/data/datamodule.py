@@ -22,7 +22,7 @@ from .image_store import ImageStore
 from .readers import READERS, ReadOptions, build_reader
 from .readers.base import Split, SplitData
 from .readers.validation import ValidationReader
-from .sampler import TaskRandomSampler, task_seed
+from .sampler import task_sampler, task_seed
 from .scenario_checks import check_positive, check_scenario
 from .task_dataset import TaskDataset
 from .task_split import task_ranges, task_sizes
@@ -281,7 +281,7 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         loader = DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=TaskRandomSampler(dataset, self._generator(task)),
+            sampler=task_sampler(dataset, self._generator(task), getattr(self, "trainer", None)),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=False,

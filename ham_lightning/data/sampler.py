@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import DistributedSampler, RandomSampler, Sampler
+
+from ham_lightning.core.distributed import world
 
 
 def task_seed(seed: int, task: int, stream: int) -> int:
@@ -34,3 +37,41 @@ class TaskRandomSampler(RandomSampler):
         epoch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         for position in order:
             yield position, epoch_seed
+
+
+class TaskDistributedSampler(DistributedSampler):
+    """A rank's share of a task's shuffled order under DDP: `TaskRandomSampler`'s order and epoch seed, from the
+    task's generator, cut across the ranks.
+
+    Every rank holds the same generator, so each pass draws the same permutation everywhere (the order does not
+    depend on the number of processes); rank ``r`` takes positions ``r, r + W, ...``, padded by repeating the
+    first positions so all ranks run the same number of steps (as `DistributedSampler` does). Being a
+    `DistributedSampler`, Lightning leaves it in place instead of replacing it with its own (which would
+    reshuffle by the trainer's epoch and drop the per-sample augmentation seed). ``set_epoch`` changes nothing:
+    the order follows the passes made, as in one process.
+    """
+
+    def __init__(self, data_source: Sized, generator: torch.Generator, num_replicas: int, rank: int) -> None:
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=False)  # type: ignore[arg-type]
+        self.data_source, self.generator = data_source, generator
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        drawn = list(self.undistributed())
+        drawn += drawn[: self.total_size - len(drawn)] if drawn else []
+        return iter(drawn[self.rank: self.total_size: self.num_replicas])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing: the order is drawn from the task's generator pass by pass."""
+
+    def undistributed(self) -> TaskRandomSampler:
+        """The whole task's order, drawn from the same generator (the statistics pass, on every rank)."""
+        return TaskRandomSampler(self.data_source, self.generator)
+
+
+def task_sampler(dataset: Sized, generator: torch.Generator, trainer: Any = None) -> Sampler:
+    """The task's shuffled order (`TaskRandomSampler`); under DDP this rank's share of it (`TaskDistributedSampler`),
+    the rank and world size from ``trainer`` when given, else from ``torch.distributed``."""
+    rank, size = (trainer.global_rank, trainer.world_size) if trainer is not None else world()
+    if size > 1:
+        return TaskDistributedSampler(dataset, generator, num_replicas=size, rank=rank)
+    return TaskRandomSampler(dataset, generator)

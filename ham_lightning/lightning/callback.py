@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ham_lightning.core.controller import HAMController, MergeDecision, find_controller
+from ham_lightning.core.distributed import rank_rows, world
 from ham_lightning.lightning.sequence import ContinualEvaluation
+from ham_lightning.lightning.statistics import rows_of
 
 
 class HierarchicalMergeCallback(ContinualEvaluation):
@@ -96,7 +98,10 @@ class HierarchicalMergeCallback(ContinualEvaluation):
         loader = DataLoader(train.dataset, batch_size=train.batch_size or 256, shuffle=False)
         was_training = pl_module.training
         pl_module.eval()
-        batches = (move_data_to_device(x, pl_module.device) for x, _ in loader)
+        rank, size = world()  # under DDP each rank observes its block of every batch; the sums are added up
+        shares = ((x, rank_rows(len(y), rank, size)) for x, y in loader)
+        batches = (move_data_to_device(rows_of(x, rows), pl_module.device) for x, rows in shares
+                   if rows.stop > rows.start)
         sims = controller.observe_task(batches, pl_module)
         pl_module.train(was_training)
         return sims

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -123,6 +124,14 @@ class HAMModule(LightningModule, TaskAware):
     @property
     def trains_anything(self) -> bool:
         return self.adapt or not is_statistics_head(self.head)
+
+    @override
+    def setup(self, stage: str) -> None:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if stage == "fit" and not self.trains_anything and isinstance(strategy, DDPStrategy):
+            # torch's DDP refuses a module without trainable parameters; with no gradient to reduce the module
+            # stays unwrapped (as Lightning leaves it outside fitting) and the statistics are reduced instead.
+            strategy.configure_ddp = lambda: None  # type: ignore[method-assign]
 
     @property
     def prefix_split(self) -> PrefixSplit:
