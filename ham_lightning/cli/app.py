@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,20 @@ from ham_lightning.cli.config import (
     wandb_offline,
     with_quickstart,
 )
+from ham_lightning.cli.distributed import (
+    RUN_DIR_ENV,
+    is_rank_zero,
+    launch_rank,
+    publish_run_dir,
+    run_folder_for,
+    unpublish_run_dir,
+)
 from ham_lightning.cli.export import export_main
 from ham_lightning.cli.failures import refuse_resuming_an_unstarted_run, write_failure, write_failure_message
 from ham_lightning.cli.noise import drop_wandb_anonymous, known_noise_silenced
 from ham_lightning.cli.predict import write_predictions
 from ham_lightning.cli.resume import contradictions
-from ham_lightning.cli.runs import _HELD, RunFolder, RunFolderError, claim_new_run, resumed_run_folder
+from ham_lightning.cli.runs import _HELD, RunFolderError, resumed_run_folder
 from ham_lightning.cli.tool_dirs import point_wandb
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.registry import HEADS, load_plugins
@@ -49,7 +56,6 @@ from ham_lightning.lightning.checkpoint_io import (
     checkpoint_bytes,
     previous_path,
     resume_checkpoint,
-    set_aside,
 )
 from ham_lightning.lightning.module import HAMModule
 from ham_lightning.lightning.progress import TaskProgressBar
@@ -109,7 +115,8 @@ class HAMLightningCLI(LightningCLI):
         if problem is not None and usable == path:
             self._error(subcommand, f"--ckpt_path {ckpt_path}: {problem} Start the run again (a new --run_name).")
         if usable != path:
-            print(f"ham-lightning: {problem}", file=sys.stderr)
+            if is_rank_zero():
+                print(f"ham-lightning: {problem}", file=sys.stderr)
             self._damaged_checkpoint = path  # moved aside once this process owns the run folder
             config["ckpt_path"] = ckpt_path = str(usable)
             path = usable
@@ -143,33 +150,15 @@ class HAMLightningCLI(LightningCLI):
         folder_of_ckpt = resumed_run_folder(ckpt_path) if ckpt_path is not None else None
         self.resuming = subcommand == "fit" and folder_of_ckpt is not None and folder_of_ckpt.is_dir()
         run_of_ckpt = folder_of_ckpt if folder_of_ckpt is not None and folder_of_ckpt.is_dir() else None
-        run_name = config.get("run_name")
         try:
-            if self.resuming:
-                assert folder_of_ckpt is not None
-                folder = RunFolder(folder_of_ckpt)
-                folder.acquire()
-                if self._damaged_checkpoint is not None:
-                    set_aside(self._damaged_checkpoint)  # so the next save keeps the whole predecessor as last.prev.ckpt
-            elif subcommand != "fit" and run_of_ckpt is not None and run_name in (None, run_of_ckpt.name):
-                # test / validate / predict on a run's checkpoint: beside the run, in <run>/<command>[-k], whatever
-                # run name the run's own config.yaml holds (a --run_name of another name still gets its folder).
-                folder = claim_new_run(run_of_ckpt, None, subcommand)
-            elif subcommand != "fit" and run_name and RunFolder(Path(config["runs_dir"]) / run_name).others():
-                # A checkpoint kept elsewhere with a run's config.yaml, which names that (taken) run folder.
-                folder = claim_new_run(Path(config["runs_dir"]), None, f"{run_name}-{subcommand}")
-            else:
-                stamp = time.strftime("%Y%m%d-%H%M%S")
-                default = f"{benchmark}-{stamp}" if subcommand == "fit" else f"{benchmark}-{subcommand}-{stamp}"
-                folder = claim_new_run(Path(config["runs_dir"]), config.get("run_name"), default,
-                                       reuse_unstarted=subcommand == "fit")
-                if folder.reused:
-                    print(f"ham-lightning: {folder.path} holds a run that stopped before its first checkpoint "
-                          f"({', '.join(folder.others())}): starting it again there.", file=sys.stderr)
-        except RunFolderError as err:
+            folder = run_folder_for(subcommand, config, benchmark, folder_of_ckpt if self.resuming else None,
+                                    run_of_ckpt, self._damaged_checkpoint)
+        except (RunFolderError, ValueError) as err:
             self._error(subcommand, str(err))
         _HELD.append(folder)
         self.run_folder = folder
+        if is_rank_zero():  # for the processes the trainer's launcher starts (they inherit the environment)
+            self._published = publish_run_dir(folder.path)
         self.run_dir = run_dir = folder.path
         self.benchmark = benchmark
         point_wandb(run_dir)
@@ -194,7 +183,7 @@ class HAMLightningCLI(LightningCLI):
     @override
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
-        if self.subcommand == "fit" and self.run_dir is not None and self.model is not None:
+        if self.subcommand == "fit" and self.run_dir is not None and self.model is not None and is_rank_zero():
             # Before the data is set up (a prefix cache can take minutes): a folder too full for the checkpoints.
             check_room(self.run_dir / "checkpoints" / "last.ckpt", checkpoint_bytes(self.model))
 
@@ -346,11 +335,16 @@ class HAMLightningCLI(LightningCLI):
             folder.release()
             if folder in _HELD:
                 _HELD.remove(folder)
+        if hasattr(self, "_published"):
+            unpublish_run_dir(self._published)
+            del self._published
 
 
 def cli(args: Sequence[str] | None = None, run: bool = True) -> Any:
     """Build (and by default run) the CLI; ``args`` as on the command line, for tests and notebooks.
 
+    With ``args=None`` the command line is ``sys.argv[1:]``, which is left holding the whole command as parsed
+    (the quick start's ``--config`` added): Lightning's DDP launcher starts the other ranks with ``sys.argv``.
     Returns the `HAMLightningCLI` (the ``export`` and ``compare`` commands return what they wrote).
     """
     argv = list(sys.argv[1:] if args is None else args)
@@ -361,10 +355,12 @@ def cli(args: Sequence[str] | None = None, run: bool = True) -> Any:
     parser_kwargs: dict[str, Any] = {"epilog": (
         "Also: `ham-lightning export --ckpt_path <run>/checkpoints/last.ckpt` (PEFT adapter + folded timm "
         "weights) and `ham-lightning compare runs/*` (table and plot from finished runs' results.json).")}
-    argv = with_quickstart(argv)
+    argv = with_quickstart(argv)  # idempotent: a relaunched rank's argv already has the --config
+    if args is None:
+        sys.argv[1:] = argv  # what the launcher relaunches; LightningCLI reads it (it warns when args is set too)
     load_plugins()  # packages that register merge rules, heads or readers (entry points "ham_lightning.plugins")
     refuse_resuming_an_unstarted_run(argv)
-    held = len(_HELD)
+    held, published = len(_HELD), os.environ.get(RUN_DIR_ENV)
     try:
         with known_noise_silenced():
             return HAMLightningCLI(
@@ -373,25 +369,26 @@ def cli(args: Sequence[str] | None = None, run: bool = True) -> Any:
                 trainer_defaults=TRAINER_DEFAULTS,
                 seed_everything_default=1993,
                 parser_kwargs=parser_kwargs,
-                args=argv,
+                args=None if args is None else argv,
                 run=run,
             )
     finally:
         while len(_HELD) > held:  # a call that failed before its subcommand ran
             _HELD.pop().release()
+            unpublish_run_dir(published)
 
 
 #: What a failed write looks like: a full disk or quota, a read-only filesystem.
 def main() -> None:
     """Entry point of the ``ham-lightning`` command."""
-    argv, sys.argv[1:] = sys.argv[1:], []  # handed over as args (LightningCLI warns when both are set)
     try:
-        cli(argv)
+        cli()  # from sys.argv, which keeps the command for the ranks Lightning's DDP launcher starts
     except SIGTERMException:
         sys.exit(SIGTERM_EXIT)  # stopped, not finished: a scheduler must not take it for a success
     except Exception as err:
         failed = write_failure(err)
         if failed is None:
             raise
-        print(f"ham-lightning: error: {write_failure_message(failed)}", file=sys.stderr)
+        rank = "" if is_rank_zero() else f" (rank {launch_rank()})"  # a write rank 0 did not make
+        print(f"ham-lightning{rank}: error: {write_failure_message(failed)}", file=sys.stderr)
         sys.exit(1)

@@ -44,7 +44,9 @@ class SequenceCheckpoint(Checkpoint):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.ckpt_path is None and not self.path.exists():
+        # Rank 0's view, on every rank: a save is collective (a barrier), so all ranks must take the same branch.
+        exists = trainer.strategy.broadcast(self.path.exists())
+        if trainer.ckpt_path is None and not exists:
             self._save(trainer, "start")  # a new run: a kill in its first epoch still leaves a file to resume from
 
     @override
