@@ -3,7 +3,6 @@ checkpoints and task schedule wired in), `cli` for tests and notebooks, and `mai
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from typing_extensions import override
 
@@ -42,7 +42,7 @@ from ham_lightning.cli.distributed import (
 )
 from ham_lightning.cli.export import export_main
 from ham_lightning.cli.failures import refuse_resuming_an_unstarted_run, write_failure, write_failure_message
-from ham_lightning.cli.noise import drop_wandb_anonymous, known_noise_silenced
+from ham_lightning.cli.noise import drop_wandb_anonymous, finish_wandb, known_noise_silenced
 from ham_lightning.cli.predict import write_predictions
 from ham_lightning.cli.resume import contradictions
 from ham_lightning.cli.runs import _HELD, RunFolderError, resumed_run_folder
@@ -261,6 +261,13 @@ class HAMLightningCLI(LightningCLI):
                                    logged={**clean, "run": run}))
         self.save_config_callback = None  # RunConfig above replaces Lightning's (which writes into a logger's dir)
         trainer = super()._instantiate_trainer(config, callbacks)
+        if (self.subcommand == "fit" and trainer.world_size > 1 and isinstance(trainer.strategy, DDPStrategy)
+                and not any(p.requires_grad for p in self.model.parameters())):
+            self._error(self.subcommand, (
+                f"--trainer.strategy {type(trainer.strategy).__name__} on {trainer.world_size} processes: this model "
+                "has no parameter to train (a frozen backbone, --model.adapt=false, and a head fitted from statistics"
+                "), and DDP cannot wrap it. Run it on one device (--trainer.devices=1), or train adapters "
+                "(--model.adapt=true)."))
         drop_wandb_anonymous(trainer.loggers)
         return trainer
 
@@ -303,30 +310,8 @@ class HAMLightningCLI(LightningCLI):
         return write_predictions(self)
 
     def _finish_wandb(self, finished: bool, quiet: bool = False) -> None:
-        """Close this command's W&B run (flushed to disk offline), so the next command in the process gets its
-        own: Lightning's WandbLogger would otherwise reuse the run left open. ``quiet`` (after a failed write, the
-        disk likely full): W&B's own failures to write are neither printed nor raised, so the one error that
-        stopped the run is what the user sees."""
-        import logging
-
-        from lightning.pytorch.loggers import WandbLogger
-
-        wandb_log = logging.getLogger("wandb")
-        level = wandb_log.level
-        for logger in getattr(getattr(self, "trainer", None), "loggers", []):
-            if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
-                if not quiet:
-                    logger._experiment.finish(exit_code=0 if finished else 1)
-                    continue
-                wandb_log.setLevel(logging.CRITICAL)
-                with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
-                        contextlib.redirect_stderr(devnull):
-                    try:
-                        logger._experiment.finish(exit_code=1)
-                    except Exception:  # noqa: S110 (the write failure that stopped the run is reported instead)
-                        pass
-                    finally:
-                        wandb_log.setLevel(level)
+        """Close this command's W&B run, so the next command in the process gets its own (`finish_wandb`)."""
+        finish_wandb(getattr(getattr(self, "trainer", None), "loggers", []), finished, quiet)
 
     def release(self) -> None:
         """Give the run folder up (the end of the subcommand; the process's end does it too)."""

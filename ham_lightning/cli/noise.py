@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -62,3 +63,28 @@ def drop_wandb_anonymous(loggers: Any) -> None:
         init = getattr(logger, "_wandb_init", None)
         if isinstance(logger, WandbLogger) and isinstance(init, dict) and init.get("anonymous") is None:
             init.pop("anonymous", None)
+
+
+def finish_wandb(loggers: Any, finished: bool, quiet: bool = False) -> None:
+    """Close the W&B runs of ``loggers`` (a command's trainer's; flushed to disk offline), so the next command in
+    the process gets its own: Lightning's WandbLogger would otherwise reuse the run left open. ``quiet`` (after a failed write, the
+    disk likely full): W&B's own failures to write are neither printed nor raised, so the one error that
+    stopped the run is what the user sees."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    wandb_log = logging.getLogger("wandb")
+    level = wandb_log.level
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            if not quiet:
+                logger._experiment.finish(exit_code=0 if finished else 1)
+                continue
+            wandb_log.setLevel(logging.CRITICAL)
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+                    contextlib.redirect_stderr(devnull):
+                try:
+                    logger._experiment.finish(exit_code=1)
+                except Exception:  # noqa: S110 (the write failure that stopped the run is reported instead)
+                    pass
+                finally:
+                    wandb_log.setLevel(level)
