@@ -4,7 +4,8 @@ Each is caused by how the project uses the library, not by the user's settings, 
 on: Lightning's litlogger advertisement, its ``LeafSpec`` use that torch deprecates, its count of modules in eval
 mode (HAM keeps the frozen backbone's norm layers in eval mode on purpose), its ``log_every_n_steps`` notice
 (a task of a few batches is shorter than the logging interval by design), its args-and-argv notice for in-process
-calls (`cli` from tests, notebooks and the benchmark scripts), and W&B's notice about the ``anonymous`` setting
+calls (`cli` from tests, notebooks and the benchmark scripts), the deprecation torch prints for its all_gather,
+and W&B's notice about the ``anonymous`` setting
 that Lightning's `WandbLogger` always passes. The filters are installed when a command starts and removed when it
 returns: nothing changes for the code around it.
 """
@@ -24,6 +25,7 @@ WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start of training",
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     r"LightningCLI's args parameter is intended to run from within Python",
+    r"torch.distributed.nn.functional.all_gather is deprecated",  # Lightning's all_gather (predict under DDP)
 )
 #: Loggers through which Lightning's `rank_zero_info` prints (the name depends on the import order).
 _INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",

@@ -40,6 +40,11 @@ def write_predictions(cli: PredictingCLI) -> Path:
     cli.trainer.callbacks.append(FoldForPredict())
     outputs = cli.trainer.predict(cli.model, dataloaders=loader, ckpt_path=ckpt_path)
     logits = torch.cat([o.float() for o in outputs]) if outputs else torch.empty(0, 0)
+    logits = gather_in_order(cli.trainer, logits, len(rows))
+    assert cli.run_dir is not None
+    path = cli.run_dir / "predictions.csv"
+    if not cli.trainer.is_global_zero:
+        return path  # rank 0 writes the file, with every rank's predictions
     probabilities = class_probabilities(cli.model, logits)
     probability, predicted = probabilities.max(dim=1)
     names = list(cli.datamodule.class_names or [])
@@ -47,8 +52,6 @@ def write_predictions(cli: PredictingCLI) -> Path:
     def name(k: int) -> str:
         return str(names[k]) if k < len(names) else ""
 
-    assert cli.run_dir is not None
-    path = cli.run_dir / "predictions.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         labelled = bool(rows) and "label" in rows[0]
@@ -68,6 +71,24 @@ def write_predictions(cli: PredictingCLI) -> Path:
         summary = f" (accuracy {accuracy:.2f}%, expected calibration error {ece:.3f})"
     rank_zero_info(f"Predictions of {len(rows)} images: {path}{summary}")
     return path
+
+
+def gather_in_order(trainer: Any, local: Any, total: int) -> Any:
+    """Every rank's predictions in dataset order (one process: ``local`` itself). Under DDP, Lightning's predict
+    sampler (`UnrepeatedDistributedSamplerWrapper`, no shuffle) gives rank ``r`` the items ``r, r + W, r + 2W...``:
+    each rank's rows are padded to one length, gathered, interleaved back and cut to ``total``."""
+    import torch
+
+    world = int(getattr(trainer, "world_size", 1))
+    if world == 1:
+        return local
+    strategy = trainer.strategy
+    columns = int(strategy.all_gather(torch.tensor(local.shape[1], device=local.device)).max())
+    per_rank = -(-total // world)
+    padded = local.new_zeros(per_rank, columns)
+    padded[: len(local)] = local
+    gathered = strategy.all_gather(padded)  # (world, per_rank, columns): gathered[r][k] is item k * world + r
+    return gathered.transpose(0, 1).reshape(world * per_rank, columns)[:total]
 
 
 def class_probabilities(model: Any, logits: Any) -> Any:
