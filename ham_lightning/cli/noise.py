@@ -4,10 +4,10 @@ Each is caused by how the project uses the library, not by the user's settings, 
 on: Lightning's litlogger advertisement, its ``LeafSpec`` use that torch deprecates, its count of modules in eval
 mode (HAM keeps the frozen backbone's norm layers in eval mode on purpose), its ``log_every_n_steps`` notice
 (a task of a few batches is shorter than the logging interval by design), its args-and-argv notice for in-process
-calls (`cli` from tests, notebooks and the benchmark scripts), the deprecation torch prints for its all_gather,
-and W&B's notice about the ``anonymous`` setting
-that Lightning's `WandbLogger` always passes. The filters are installed when a command starts and removed when it
-returns: nothing changes for the code around it.
+calls (`cli` from tests, notebooks and the benchmark scripts), torch's deprecation of the all_gather Lightning
+uses (predict under DDP), and W&B's notice about the ``anonymous`` setting that Lightning's `WandbLogger` always
+passes. The filters are installed when a command starts and removed when it returns: nothing changes for the code
+around it.
 """
 
 from __future__ import annotations
