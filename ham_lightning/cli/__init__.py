@@ -14,9 +14,10 @@ and ``--ckpt_path <run>/checkpoints/last.ckpt`` (written after every epoch, so a
 one way to continue one, with the settings it started with.
 
 One module per concern: `app` (the LightningCLI subclass, `cli`, `main`), `runs` (run folders and their locks),
-`checkpoint` (``last.ckpt``), `resume` (what a resume may change), `config` (defaults, quick start, option help,
-``config.yaml``), `tool_dirs` (where W&B and matplotlib write), `predict`, `export`, `compare`, `noise`
-(known-harmless third-party messages silenced while a command runs).
+`distributed` (under DDP, which rank owns the run folder), `checkpoint` (``last.ckpt``), `resume` (what a resume
+may change), `config` (defaults, quick start, option help, ``config.yaml``), `tool_dirs` (where W&B and matplotlib
+write), `predict`, `export`, `compare`, `noise` (known-harmless third-party messages silenced while a command
+runs).
 """
 
 from ham_lightning.cli.tool_dirs import point_matplotlib
