@@ -81,3 +81,40 @@ def test_another_rank_of_an_external_launcher_needs_a_run_name(monkeypatch: pyte
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "rank 1" in last and "--run_name NAME" in last
     assert not (tmp_path / "runs").exists()
+
+
+def test_frozen_ridge_head_on_two_ddp_processes_equals_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    """``--model.adapt=false --model.head=ridge`` (nothing to train: the model stays unwrapped) on 2 processes:
+    the statistics pass gathers whole batches, so the head and the accuracy are one process's."""
+    import torch
+
+    env = {k: v for k, v in os.environ.items() if k not in RANK_KEYS and k != "WANDB_API_KEY"}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), WANDB_MODE="offline",
+               WANDB_SILENT="true", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    args = [*TINY, "--data.num_tasks=2", "--model.adapt=false", "--model.head=ridge",
+            '--model.head_kwargs={"projection": 64}', "--trainer.enable_progress_bar=false",
+            f"--runs_dir={tmp_path / 'runs'}"]
+    done = subprocess.run([sys.executable, "-m", "ham_lightning.cli", "fit", *args, "--run_name=ddp",
+                           "--trainer.devices=2", "--trainer.strategy=ddp"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli(["fit", *args, "--run_name=single"])
+    finally:
+        torch.set_num_threads(threads)
+    runs = {name: tmp_path / "runs" / name for name in ("ddp", "single")}
+    results = {n: json.loads((r / "results.json").read_text()) for n, r in runs.items()}
+    assert abs(results["ddp"]["last_accuracy"] - results["single"]["last_accuracy"]) <= 0.1
+    states = {n: torch.load(r / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for n, r in runs.items()}
+    head = [k for k in states["single"] if k.startswith("head.")]
+    assert "head.gram" in head
+    for key in head:
+        a, b = states["ddp"][key], states["single"][key]
+        if a.is_floating_point():
+            assert float((a.double() - b.double()).norm()) <= 1e-5 * float(b.double().norm()) + 1e-12, key
+        else:
+            assert torch.equal(a, b), key

@@ -12,7 +12,6 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from typing_extensions import override
 
@@ -261,13 +260,6 @@ class HAMLightningCLI(LightningCLI):
                                    logged={**clean, "run": run}))
         self.save_config_callback = None  # RunConfig above replaces Lightning's (which writes into a logger's dir)
         trainer = super()._instantiate_trainer(config, callbacks)
-        if (self.subcommand == "fit" and trainer.world_size > 1 and isinstance(trainer.strategy, DDPStrategy)
-                and not any(p.requires_grad for p in self.model.parameters())):
-            self._error(self.subcommand, (
-                f"--trainer.strategy {type(trainer.strategy).__name__} on {trainer.world_size} processes: this model "
-                "has no parameter to train (a frozen backbone, --model.adapt=false, and a head fitted from statistics"
-                "), and DDP cannot wrap it. Run it on one device (--trainer.devices=1), or train adapters "
-                "(--model.adapt=true)."))
         drop_wandb_anonymous(trainer.loggers)
         return trainer
 
