@@ -12,6 +12,7 @@ Granularity = Literal["adapter", "layer"]
 SimilarityReduction = Literal["concat", "layer_mean"]
 AdapterInit = Literal["shared", "per_task"]
 SimilaritySource = Literal["weights", "data"]
+ProtectScope = Literal["all", "group"]
 #: The built-in merge rules: HAM's hierarchical merge and the baselines (docs/results.md). ``HAMConfig.method`` is
 #: any name of the registry (`ham_lightning.core.registry.MERGE_RULES`), which
 #: `ham_lightning.core.merge_rules.register_merge_rule` adds to.
@@ -102,6 +103,13 @@ class HAMConfig:
                           "earlier tasks' layer-input energy (GPM/InfLoRA-style; less drift of old features). "
                           "0 disables."},
     )
+    protect_scope: ProtectScope = field(
+        default="all",
+        metadata={"help": "Whose input subspaces a new adapter is kept off: 'all' (every earlier task's: needed when "
+                          "every group acts on every input) or 'group' (only those of the earlier tasks in the slot "
+                          "it joins: with routing an input meets its own group's delta alone). 'group' needs "
+                          "routing and similarity_source='data' (the slot is chosen at the task's start)."},
+    )
     adapt_from: str | None = field(
         default=None,
         metadata={"help": "Adapt only modules at and above this block (e.g. 'blocks.5'); everything below is a "
@@ -138,6 +146,12 @@ class HAMConfig:
             errors.append(f"adapter_init must be 'shared' or 'per_task', got {self.adapter_init!r}")
         if not 0.0 <= self.protect_inputs < 1.0:
             errors.append(f"protect_inputs is an energy fraction in [0, 1), got {self.protect_inputs}")
+        if self.protect_scope not in ("all", "group"):
+            errors.append(f"protect_scope must be 'all' or 'group', got {self.protect_scope!r}")
+        if self.protect_scope == "group" and not (self.routing and self.similarity_source == "data"):
+            errors.append("protect_scope='group' keeps an adapter off its own slot's inputs only, which is safe when "
+                          "each input meets its own slot alone and the slot is known at the task's start: set "
+                          "routing=True and similarity_source='data'")
         if self.similarity_source not in ("weights", "data"):
             errors.append(f"similarity_source must be 'weights' or 'data', got {self.similarity_source!r}")
         if (self.routing or self.similarity_source == "data") and not self.adapt_from:

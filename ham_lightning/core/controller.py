@@ -72,7 +72,8 @@ class HAMController:
         #: One `MergeDecision` per task boundary; the one copy of the merge history.
         self.history: list[MergeDecision] = []
         self._folded: dict[str, nn.Module] | None = None
-        subspace = InputSubspace(layers, config.protect_inputs) if config.protect_inputs > 0 else None
+        slots = config.max_groups if config.protect_scope == "group" else 1
+        subspace = InputSubspace(layers, config.protect_inputs, slots) if config.protect_inputs > 0 else None
         self._state = HAMControllerState(self, create_merge_rule(config.method), subspace)
         first = next(iter(layers))
         layers[first].add_module(STATE_NAME, self._state)
@@ -221,17 +222,34 @@ class HAMController:
         return self.subspace is not None
 
     def protect_(self) -> None:
-        """Project the active adapter's ``A`` off earlier tasks' input subspaces (no-op without protection)."""
-        if self.subspace is not None:
-            self.subspace.project_()
+        """Project the active adapter's ``A`` off earlier tasks' input subspaces (no-op without protection); with
+        ``protect_scope="group"`` off those of the slot the task will join (planned at its start) only."""
+        if self.subspace is None:
+            return
+        if self.subspace.slots > 1:
+            assert self.router is not None
+            if int(self.router.planned) < 0:
+                return  # no slot planned yet (before the task's data was observed)
+            self.subspace.slot = int(self.router.planned)
+        self.subspace.project_()
+
+    def _slot_of_last_task(self) -> None:
+        assert self.subspace is not None
+        if self.subspace.slots > 1 and self.history:
+            self.subspace.slot = self.history[-1].group
 
     def collecting_inputs(self) -> contextlib.AbstractContextManager[None]:
-        """While active, every HAM layer's inputs add to its input moment (a no-op context without protection)."""
-        return self.subspace.collect() if self.subspace is not None else contextlib.nullcontext()
+        """While active, every HAM layer's inputs add to its input moment (a no-op context without protection);
+        with ``protect_scope="group"`` to the moment of the slot the last task joined."""
+        if self.subspace is None:
+            return contextlib.nullcontext()
+        self._slot_of_last_task()
+        return self.subspace.collect()
 
     def update_protection(self) -> None:
         """The subspaces from the moments collected so far (after the pass over a finished task's data)."""
         if self.subspace is not None:
+            self._slot_of_last_task()
             self.subspace.update()
 
     # -- fold / unfold ------------------------------------------------------------------------------------------

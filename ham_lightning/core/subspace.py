@@ -32,35 +32,49 @@ def _flat_inputs(layer: HAMLayer, x: Tensor) -> Tensor:
 class InputSubspace(nn.Module):
     """Per-layer principal input subspace of the tasks seen so far, and the projection of new adapters off it.
 
+    With ``slots > 1`` there is one subspace per group slot (``HAMConfig.protect_scope="group"``): a task's inputs
+    go to the slot it joined, and a new adapter is kept off the slot it will join only. `slot` (set by the
+    controller) says which one `collect`, `update`, `project_` and `ranks` act on.
+
     Args:
         layers: the controller's HAM layers by name.
         energy: fraction of the accumulated input energy the kept subspace spans (GPM's threshold); 0 disables.
+        slots: 1 (one subspace of every task) or the number of group slots (one each).
     """
 
-    def __init__(self, layers: dict[str, HAMLayer], energy: float = 0.95) -> None:
+    def __init__(self, layers: dict[str, HAMLayer], energy: float = 0.95, slots: int = 1) -> None:
         super().__init__()
         if not 0.0 <= energy < 1.0:
             raise ValueError(f"energy must be in [0, 1) (0 disables the projection), got {energy}")
-        self.energy = energy
+        self.energy, self.slots = energy, slots
+        #: The slot the next collect / update / project_ acts on (with ``slots > 1``).
+        self.slot = 0
         self._layers = dict(layers)  # not submodules: the model owns them
         self._keys = {name: name.replace(".", "__") for name in layers}
+        lead = (slots,) if slots > 1 else ()
         for name, layer in layers.items():
             key = self._keys[name]
-            self.register_buffer(f"moment__{key}", torch.zeros(layer.in_features, layer.in_features,
+            self.register_buffer(f"moment__{key}", torch.zeros(*lead, layer.in_features, layer.in_features,
                                                                dtype=torch.float64))
-            self.register_buffer(f"projector__{key}", torch.zeros(layer.in_features, layer.in_features))
-        self.register_buffer("rank", torch.zeros(len(layers), dtype=torch.long))
+            self.register_buffer(f"projector__{key}", torch.zeros(*lead, layer.in_features, layer.in_features))
+        self.register_buffer("rank", torch.zeros(*lead, len(layers), dtype=torch.long))
+
+    def _of_slot(self, t: Tensor) -> Tensor:
+        return t[self.slot] if self.slots > 1 else t
 
     def moment(self, name: str) -> Tensor:
-        return getattr(self, f"moment__{self._keys[name]}")
+        return self._of_slot(getattr(self, f"moment__{self._keys[name]}"))
 
     def projector(self, name: str) -> Tensor:
-        return getattr(self, f"projector__{self._keys[name]}")
+        return self._of_slot(getattr(self, f"projector__{self._keys[name]}"))
+
+    def _ranks(self) -> Tensor:
+        return self._of_slot(self.rank)
 
     @contextmanager
     def collect(self) -> Iterator[None]:
-        """While active, every forward of a HAM layer adds its inputs' ``x^T x`` to that layer's moment; under DDP
-        each rank adds its share and the shares are summed over the ranks on exit."""
+        """While active, every forward of a HAM layer adds its inputs' ``x^T x`` to that layer's moment (of
+        `slot`); under DDP each rank adds its share and the shares are summed over the ranks on exit."""
         handles = []
         for name, layer in self._layers.items():
             moment = self.moment(name)
@@ -81,7 +95,8 @@ class InputSubspace(nn.Module):
 
     @torch.no_grad()
     def update(self) -> None:
-        """Projectors onto the smallest set of principal directions holding ``energy`` of each layer's moment."""
+        """Projectors onto the smallest set of principal directions holding ``energy`` of each layer's moment
+        (of `slot`)."""
         for i, name in enumerate(self._layers):
             moment = self.moment(name)
             if self.energy == 0.0 or not moment.any():
@@ -92,18 +107,19 @@ class InputSubspace(nn.Module):
             k = int((cumulative < self.energy).sum()) + 1
             U = eigvecs[:, :k]
             self.projector(name).copy_((U @ U.T).to(self.projector(name).dtype))
-            self.rank[i] = k
+            self._ranks()[i] = k
 
     @torch.no_grad()
     def project_(self) -> None:
-        """``A <- A (I - P)`` for every layer's active adapter (after each optimizer step and a reset)."""
+        """``A <- A (I - P)`` for every layer's active adapter, ``P`` of `slot` (after each optimizer step and a
+        reset)."""
         if self.energy == 0.0:
             return
-        for (name, layer), rank in zip(self._layers.items(), self.rank.tolist()):
+        for (name, layer), rank in zip(self._layers.items(), self._ranks().tolist()):
             if rank > 0:
                 A = layer.lora_A
                 A.sub_(A @ self.projector(name).to(A.dtype))
 
     def ranks(self) -> dict[str, int]:
         """Dimension of each layer's protected subspace (out of its input width)."""
-        return {name: int(r) for name, r in zip(self._layers, self.rank.tolist())}
+        return {name: int(r) for name, r in zip(self._layers, self._ranks().tolist())}

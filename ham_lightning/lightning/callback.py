@@ -81,10 +81,11 @@ class HierarchicalMergeCallback(ContinualEvaluation):
         # A fit's start (a resume, or the next fit of a one-fit-per-task loop) starts the task again: the boundary
         # already projected the fresh adapter and observed the task, and a second A(I-P) would change A's last
         # bits (a resumed run would then differ from an uninterrupted one).
-        if not getattr(self, "_fit_starting", False) or controller.num_tasks_merged == 0:
-            controller.protect_()  # the fresh adapter starts off the old tasks' subspace
+        # The task's data is observed first: it plans the slot whose subspace a group-scoped protection uses.
         if controller.router is not None and not controller.router.has_task_statistics:
             self.observe_task(trainer, pl_module)
+        if not getattr(self, "_fit_starting", False) or controller.num_tasks_merged == 0:
+            controller.protect_()  # the fresh adapter starts off the old tasks' subspace
 
     @torch.no_grad()
     def observe_task(self, trainer: Trainer, pl_module: LightningModule) -> list[float | None]:

@@ -111,3 +111,38 @@ def test_training_runs_on_top_of_the_planned_group() -> None:
 def test_routing_needs_adapt_from() -> None:
     with pytest.raises(ValueError, match="set adapt_from"):
         HAMConfig(target_modules=["fc1"], routing=True)
+
+
+def test_group_scoped_protection_keeps_an_adapter_off_its_own_slots_inputs_only() -> None:
+    """``protect_scope="group"``: each slot collects the inputs of the tasks that joined it, and a new adapter is
+    projected off the subspace of the slot planned for it, not off other domains' (routing keeps those apart)."""
+    config = HAMConfig(target_modules=["fc1", "fc2"], adapt_from="blocks.0", routing=True,
+                       similarity_source="data", similarity_threshold=0.01, max_groups=4, protect_inputs=0.9,
+                       protect_scope="group")
+    net = model()
+    ham = inject(net, config)
+    space = ham.subspace
+    assert space is not None and space.slots == 4
+    for t, name in enumerate(["A", "B"]):
+        data = domain(name, seed=t)
+        ham.observe_task([data[:32], data[32:]], net)
+        ham.protect_()
+        ham.end_task()
+        with ham.collecting_inputs(), torch.no_grad():
+            net(data)
+        ham.update_protection()
+    fc1 = "blocks.0.fc1"
+    moments = getattr(space, "moment__" + fc1.replace(".", "__"))
+    assert moments.shape[0] == 4 and moments[0].any() and moments[1].any() and not moments[2:].any()
+    ham.reset_adapter(2)
+    data = domain("B", seed=7)
+    ham.observe_task([data], net)
+    assert int(ham.router.planned) == 1
+    A = ham.layers[fc1].lora_A.detach().clone()
+    ham.protect_()
+    projected = ham.layers[fc1].lora_A.detach()
+    P1 = getattr(space, "projector__" + fc1.replace(".", "__"))[1]
+    assert not torch.equal(projected, A)
+    torch.testing.assert_close(projected, A - A @ P1)  # slot 1's subspace (domain B), and only it
+    with pytest.raises(ValueError, match="protect_scope='group'.*routing=True"):
+        HAMConfig(target_modules=["fc1"], protect_inputs=0.9, protect_scope="group")
