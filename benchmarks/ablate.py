@@ -36,7 +36,9 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "data_similarity": ("ham", ["--model.ham.similarity_source=data", "--model.ham.similarity_threshold=0.01"]),
     "routing": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
                         "--model.ham.similarity_threshold=0.01"]),
-    "protect_group": ("ham", ["--model.ham.protect_scope=group"]),  # each slot's own inputs only (routed)
+    # routed, each new adapter kept off its own slot's input subspace only
+    "protect_group": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
+                              "--model.ham.similarity_threshold=0.01", "--model.ham.protect_scope=group"]),
     "routing_protect_off": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
                                     "--model.ham.similarity_threshold=0.01", "--model.ham.protect_inputs=0"]),
     "max_groups_1": ("ham", ["--model.ham.max_groups=1"]),
