@@ -37,7 +37,9 @@ def test_the_command_runs_to_the_end_on_two_ddp_processes(tmp_path: Path) -> Non
     done = subprocess.run([sys.executable, "-m", "ham_lightning.cli", "fit", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (run,) = (tmp_path / "runs").iterdir()  # rank 1 made no folder of its own
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 1, [sorted(p.name for p in f.rglob("*")) for f in folders]  # rank 1 made none of its own
+    run = folders[0]
     results = json.loads((run / "results.json").read_text())
     matrix = results["accuracy_matrix"]
     assert len(matrix) == 2 and matrix[1][0] is not None and matrix[1][1] is not None
