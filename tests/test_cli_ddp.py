@@ -19,6 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RANK_KEYS = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", RUN_DIR_ENV)
 
 
+def _fresh_env() -> dict[str, str]:
+    """The environment of a command a user starts: no launcher's rank, and no W&B folder that an earlier in-process
+    command of this test session pointed at its own run (`ham_lightning.cli.tool_dirs`)."""
+    skip = {*RANK_KEYS, "WANDB_API_KEY", "WANDB_DATA_DIR", "WANDB_CACHE_DIR"}
+    return {k: v for k, v in os.environ.items() if k not in skip}
+
+
 @pytest.fixture(autouse=True)
 def _no_launcher(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     offline_wandb(monkeypatch, tmp_path)
@@ -29,7 +36,7 @@ def _no_launcher(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_the_command_runs_to_the_end_on_two_ddp_processes(tmp_path: Path) -> None:
     """The second rank is relaunched by Lightning with ``sys.argv``: it must get the whole command (quick start's
     --config included) and rank 0's run folder; one folder, rank 0's files, the whole accuracy matrix."""
-    env = {k: v for k, v in os.environ.items() if k not in RANK_KEYS and k != "WANDB_API_KEY"}
+    env = _fresh_env()
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), WANDB_MODE="offline",
                WANDB_SILENT="true", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     args = [*TINY, "--data.num_tasks=2", "--trainer.devices=2", "--trainer.strategy=ddp",
@@ -91,7 +98,7 @@ def test_frozen_ridge_head_on_two_ddp_processes_equals_one_process(tmp_path: Pat
     the statistics pass gathers whole batches, so the head and the accuracy are one process's."""
     import torch
 
-    env = {k: v for k, v in os.environ.items() if k not in RANK_KEYS and k != "WANDB_API_KEY"}
+    env = _fresh_env()
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), WANDB_MODE="offline",
                WANDB_SILENT="true", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     args = [*TINY, "--data.num_tasks=2", "--model.adapt=false", "--model.head=ridge",

@@ -19,7 +19,7 @@ def _point(name: str, folder: Path) -> bool:
     current = os.environ.get(name)
     if current is not None and current != _SET_HERE.get(name):
         return False  # the user's own setting
-    os.environ[name] = _SET_HERE[name] = str(folder)
+    os.environ[name] = _SET_HERE[name] = str(folder.resolve())  # absolute: child processes may start elsewhere
     return True
 
 
