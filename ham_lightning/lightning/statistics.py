@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
