@@ -30,6 +30,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "ncm_frozen": ("ncm", []),
     "joint": ("joint", []),  # every class in one task, same passes over the data: the head room of adaptation
     "merge_sum": ("merge_sum", []),
+    "merge_sum_protect_0.9": ("merge_sum", ["--model.ham.protect_inputs=0.9"]),
     "ham_paper": ("ham_paper", []),  # groups by the deltas' cosine, every group on every input (design.md)
     "seq_lora": ("seq_lora", []),
     # issue 22: groups chosen by the data (pooled inputs of the adapted part) and each input routed to its group
@@ -39,6 +40,9 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     # routed, each new adapter kept off its own slot's input subspace only
     "protect_group": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
                               "--model.ham.similarity_threshold=0.01", "--model.ham.protect_scope=group"]),
+    "protect_group_0.9": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
+                                  "--model.ham.similarity_threshold=0.01", "--model.ham.protect_scope=group",
+                                  "--model.ham.protect_inputs=0.9"]),
     "routing_protect_off": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
                                     "--model.ham.similarity_threshold=0.01", "--model.ham.protect_inputs=0"]),
     "max_groups_1": ("ham", ["--model.ham.max_groups=1"]),
