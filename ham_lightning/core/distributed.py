@@ -80,7 +80,7 @@ def gather_rows(rows: Tensor | None, device: torch.device) -> Tensor:
 
     Blocks may differ in size (padded for the collective, cut after). Called by every rank, in the same order.
     """
-    rank, size = world()
+    size = world()[1]
     if size == 1:
         assert rows is not None
         return rows
