@@ -51,7 +51,7 @@ def fit(runs: Path, name: str, devices: int, accelerator: str, extra: list[str])
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     gpus = torch.cuda.device_count()
-    parser.add_argument("--devices", type=int, default=max(2, gpus) if gpus > 1 else 2)
+    parser.add_argument("--devices", type=int, default=gpus if gpus > 1 else 2)
     parser.add_argument("--accelerator", default="gpu" if gpus > 1 else "cpu")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("extra", nargs="*", help="after --: more ham-lightning arguments for every run")

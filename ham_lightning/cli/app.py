@@ -355,7 +355,6 @@ def cli(args: Sequence[str] | None = None, run: bool = True) -> Any:
             unpublish_run_dir(published)
 
 
-#: What a failed write looks like: a full disk or quota, a read-only filesystem.
 def main() -> None:
     """Entry point of the ``ham-lightning`` command."""
     try:
