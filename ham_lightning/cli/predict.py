@@ -76,19 +76,19 @@ def write_predictions(cli: PredictingCLI) -> Path:
 def gather_in_order(trainer: Any, local: Any, total: int) -> Any:
     """Every rank's predictions in dataset order (one process: ``local`` itself). Under DDP, Lightning's predict
     sampler (`UnrepeatedDistributedSamplerWrapper`, no shuffle) gives rank ``r`` the items ``r, r + W, r + 2W...``:
-    each rank's rows are padded to one length, gathered, interleaved back and cut to ``total``."""
+    the ranks' rows are gathered (`ham_lightning.core.distributed.gather_rows`) and put back in that order."""
     import torch
+
+    from ham_lightning.core.distributed import gather_rows
 
     world = int(getattr(trainer, "world_size", 1))
     if world == 1:
         return local
-    strategy = trainer.strategy
-    columns = int(strategy.all_gather(torch.tensor(local.shape[1], device=local.device)).max())
-    per_rank = -(-total // world)
-    padded = local.new_zeros(per_rank, columns)
-    padded[: len(local)] = local
-    gathered = strategy.all_gather(padded)  # (world, per_rank, columns): gathered[r][k] is item k * world + r
-    return gathered.transpose(0, 1).reshape(world * per_rank, columns)[:total]
+    gathered = gather_rows(local if local.numel() else None, local.device)  # rank 0's rows, then rank 1's...
+    order = torch.cat([torch.arange(r, total, world) for r in range(world)]).to(gathered.device)
+    out = torch.empty_like(gathered)
+    out[order] = gathered
+    return out
 
 
 def class_probabilities(model: Any, logits: Any) -> Any:
