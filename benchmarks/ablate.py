@@ -28,9 +28,12 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "default": ("ham", []),
     "ridge_frozen": ("ridge", []),
     "ncm_frozen": ("ncm", []),
+    # ridge's lambda scored on the newest task's held-out rows only (the rule before `lambda_holdout`)
+    "ridge_frozen_newest": ("ridge", ['--model.head_kwargs={"lambda_holdout": "newest_task"}']),
     "joint": ("joint", []),  # every class in one task, same passes over the data: the head room of adaptation
     "merge_sum": ("merge_sum", []),
     "merge_sum_protect_0.9": ("merge_sum", ["--model.ham.protect_inputs=0.9"]),
+    "merge_sum_protect_0.8": ("merge_sum", ["--model.ham.protect_inputs=0.8"]),
     "ham_paper": ("ham_paper", []),  # groups by the deltas' cosine, every group on every input (design.md)
     "seq_lora": ("seq_lora", []),
     # issue 22: groups chosen by the data (pooled inputs of the adapted part) and each input routed to its group
@@ -43,6 +46,9 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "protect_group_0.9": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
                                   "--model.ham.similarity_threshold=0.01", "--model.ham.protect_scope=group",
                                   "--model.ham.protect_inputs=0.9"]),
+    "protect_group_0.8": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
+                                  "--model.ham.similarity_threshold=0.01", "--model.ham.protect_scope=group",
+                                  "--model.ham.protect_inputs=0.8"]),
     "routing_protect_off": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
                                     "--model.ham.similarity_threshold=0.01", "--model.ham.protect_inputs=0"]),
     "max_groups_1": ("ham", ["--model.ham.max_groups=1"]),

@@ -309,3 +309,42 @@ def test_ridge_temperature_makes_its_probabilities_calibrated() -> None:
     calibrated = expected_calibration_error(head.probabilities(logits), y_test)
     assert float(head.temperature) < 0.5  # ridge scores are regression outputs near 0 and 1: too flat as logits
     assert calibrated < 0.05 < raw
+
+
+def test_ridge_lambda_errors_score_every_tasks_held_out_rows_from_their_sums() -> None:
+    """``all_tasks``: the error of each ``lam`` is that of the ridge solved on every row not held out, scored on the
+    held-out rows of *every* task so far (read off their sums); ``newest_task`` scores the last task's rows only."""
+    xs, ys, _, _ = _ridge_scenario(tasks=3)
+    heads = {mode: RidgeHead(32, 6, projection=64, seed=2, lambdas=(0.1, 10.0, 1e3), lambda_holdout=mode)
+             for mode in ("all_tasks", "newest_task")}
+    held_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+    batches = 0
+    for t, (x, y) in enumerate(zip(xs, ys)):
+        newest = []
+        for head in heads.values():
+            head.start_task([2 * t, 2 * t + 1])
+        for i in range(0, len(y), 16):
+            for head in heads.values():
+                head.update(x[i:i + 16], y[i:i + 16])
+            generator = torch.Generator().manual_seed(2 * 1_000_003 + batches)
+            held = torch.rand(len(y[i:i + 16]), generator=generator) < 0.2
+            newest.append((x[i:i + 16][held], y[i:i + 16][held]))
+            batches += 1
+        held_rows += newest
+        if t < 2:
+            for head in heads.values():
+                head.fit()
+    head = heads["all_tasks"]
+    h_all = head.expand(torch.cat(xs)).double()
+    t_all = torch.nn.functional.one_hot(torch.cat(ys), 6).double()
+    for mode, rows in (("all_tasks", held_rows), ("newest_task", newest)):
+        hv = head.expand(torch.cat([x for x, _ in rows])).double()
+        tv = torch.nn.functional.one_hot(torch.cat([y for _, y in rows]), 6).double()
+        errors = heads[mode].lambda_errors()
+        for lam, error in errors.items():
+            w = torch.linalg.solve(h_all.T @ h_all - hv.T @ hv + lam * torch.eye(64, dtype=torch.float64),
+                                   h_all.T @ t_all - hv.T @ tv)
+            assert error == pytest.approx(float((hv @ w - tv).pow(2).sum()), rel=1e-6), (mode, lam)
+    assert len(held_rows) > len(newest) and len(errors) >= 3
+    with pytest.raises(ValueError, match="lambda_holdout must be 'all_tasks' or 'newest_task'"):
+        RidgeHead(4, 2, lambda_holdout="last")
