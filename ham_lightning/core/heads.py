@@ -243,10 +243,14 @@ class RidgeHead(StatisticsHead):
         self._flush()  # the saved sums hold every batch seen
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         self._pending, self._pending_batches = None, 0  # loaded sums replace everything accumulated here
         self._held_out = []
-        super()._load_from_state_dict(*args, **kwargs)
+        # A checkpoint from before `lambda_holdout` has no held-out sums: they start empty, so `lam` is scored on
+        # the held-out rows of the tasks after it (the Gram then still holds every row).
+        for name in ("held_gram", "held_targets", "held_count"):
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _solve(self, gram: Tensor, targets: Tensor, lam: float) -> Tensor:
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)

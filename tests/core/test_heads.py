@@ -348,3 +348,14 @@ def test_ridge_lambda_errors_score_every_tasks_held_out_rows_from_their_sums() -
     assert len(held_rows) > len(newest) and len(errors) >= 3
     with pytest.raises(ValueError, match="lambda_holdout must be 'all_tasks' or 'newest_task'"):
         RidgeHead(4, 2, lambda_holdout="last")
+
+
+def test_ridge_loads_a_checkpoint_without_held_out_sums() -> None:
+    """A state saved before ``lambda_holdout`` existed loads: the held-out sums start empty, the solve is kept."""
+    xs, ys, x_test, _ = _ridge_scenario(tasks=1)
+    head, _ = _fit_ridge(xs, ys)
+    old = {k: v for k, v in head.state_dict().items() if not k.startswith("held_")}
+    again = RidgeHead(32, 2, projection=512, seed=0)
+    again.load_state_dict(old)
+    assert float(again.held_count) == 0 and not again.held_gram.any()
+    torch.testing.assert_close(again(x_test), head(x_test), atol=0, rtol=0)
