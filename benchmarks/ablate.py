@@ -23,6 +23,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import run_method, summary_row  # noqa: E402
 
+#: Issue 22's routing: groups chosen by the data (pooled inputs of the adapted part), each input through its group.
+_ROUTED = ["--model.ham.routing=true", "--model.ham.similarity_source=data", "--model.ham.similarity_threshold=0.01"]
 #: variant -> (method of compare.py, CLI overrides of the config). ``{T}`` is replaced by the number of tasks.
 ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "default": ("ham", []),
@@ -36,21 +38,17 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "merge_sum_protect_0.8": ("merge_sum", ["--model.ham.protect_inputs=0.8"]),
     "ham_paper": ("ham_paper", []),  # groups by the deltas' cosine, every group on every input (design.md)
     "seq_lora": ("seq_lora", []),
-    # issue 22: groups chosen by the data (pooled inputs of the adapted part) and each input routed to its group
+    # issue 22
     "data_similarity": ("ham", ["--model.ham.similarity_source=data", "--model.ham.similarity_threshold=0.01"]),
-    "routing": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
-                        "--model.ham.similarity_threshold=0.01"]),
-    # routed, each new adapter kept off its own slot's input subspace only
-    "protect_group": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
-                              "--model.ham.similarity_threshold=0.01", "--model.ham.protect_scope=group"]),
-    "protect_group_0.9": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
-                                  "--model.ham.similarity_threshold=0.01", "--model.ham.protect_scope=group",
-                                  "--model.ham.protect_inputs=0.9"]),
-    "protect_group_0.8": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
-                                  "--model.ham.similarity_threshold=0.01", "--model.ham.protect_scope=group",
-                                  "--model.ham.protect_inputs=0.8"]),
-    "routing_protect_off": ("ham", ["--model.ham.routing=true", "--model.ham.similarity_source=data",
-                                    "--model.ham.similarity_threshold=0.01", "--model.ham.protect_inputs=0"]),
+    "routing": ("ham", _ROUTED),
+    # routed, each new adapter kept off its own slot's input subspace only, at several strengths
+    "protect_group": ("ham", [*_ROUTED, "--model.ham.protect_scope=group"]),
+    **{f"protect_group_{p}": ("ham", [*_ROUTED, "--model.ham.protect_scope=group", f"--model.ham.protect_inputs={p}"])
+       for p in (0.9, 0.8)},
+    # ... with the adapters' loss over every seen class (the train head's finished rows frozen), issue 22 item 4
+    "protect_group_0.9_seen": ("ham", [*_ROUTED, "--model.ham.protect_scope=group", "--model.ham.protect_inputs=0.9",
+                                       "--model.head_mask=seen"]),
+    "routing_protect_off": ("ham", [*_ROUTED, "--model.ham.protect_inputs=0"]),
     "max_groups_1": ("ham", ["--model.ham.max_groups=1"]),
     "max_groups_2": ("ham", ["--model.ham.max_groups=2"]),
     "max_groups_8": ("ham", ["--model.ham.max_groups=8"]),
