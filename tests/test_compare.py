@@ -74,3 +74,23 @@ def test_method_args_are_known() -> None:
     assert "--data.num_tasks=1" in compare.method_args("joint")
     with pytest.raises(ValueError):
         compare.method_args("nope")
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_method_is_a_valid_setting_of_every_shipped_config(config: str) -> None:
+    """Each method's ``--model.ham.*`` overrides on top of a shipped config are accepted (as the CLI reads a value):
+    a config that routes with ``protect_scope: group`` must still give valid unrouted baselines."""
+    import yaml
+
+    from ham_lightning.core.config import HAMConfig
+
+    compare = _load_compare()
+    model = yaml.safe_load((ROOT / "configs" / config).read_text()).get("model", {})
+    for method in compare.METHODS:
+        ham = dict(model.get("ham") or {})
+        ham.update({o.split("=", 1)[0].removeprefix("--model.ham."): yaml.safe_load(o.split("=", 1)[1])
+                    for o in compare.method_args(method) if o.startswith("--model.ham.")})
+        try:
+            HAMConfig(**ham)
+        except (TypeError, ValueError) as err:
+            raise AssertionError(f"{config}, method {method}: {ham} is refused: {err}") from err
