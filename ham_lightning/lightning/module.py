@@ -47,7 +47,8 @@ class HAMModule(LightningModule, TaskAware):
             class mean) or ``ridge`` (random-projection ridge regression, RanPAC-style). ``ncm`` and ``ridge`` are
             fitted from class statistics at each task's end and cannot forget; with ``adapt=True`` the adapters
             train through a ``train_head`` used only for the loss.
-        head_kwargs: extra arguments of the head (``ridge``: ``projection``, ``seed``, ``lambdas``, ``holdout``).
+        head_kwargs: extra arguments of the head (``ridge``: ``projection``, ``seed``, ``lambdas``, ``holdout``,
+            ``lambda_holdout``).
         train_head: the head whose loss trains the adapters when ``head`` is a statistics head.
         head_scale: the cosine and NCM heads' logit scale.
         head_mask: train on the current task's logits only (``current``) or on all seen classes (``seen``).
