@@ -44,7 +44,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     # routed, each new adapter kept off its own slot's input subspace only, at several strengths
     "protect_group": ("ham", [*_ROUTED, "--model.ham.protect_scope=group"]),
     **{f"protect_group_{p}": ("ham", [*_ROUTED, "--model.ham.protect_scope=group", f"--model.ham.protect_inputs={p}"])
-       for p in (0.9, 0.8)},
+       for p in (0.9, 0.8, 0.7)},
     # ... with the adapters' loss over every seen class (the train head's finished rows frozen), issue 22 item 4
     "protect_group_0.9_seen": ("ham", [*_ROUTED, "--model.ham.protect_scope=group", "--model.ham.protect_inputs=0.9",
                                        "--model.head_mask=seen"]),
