@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--num_tasks", type=int, default=50)
     parser.add_argument("--group", type=int, nargs="+", default=[1, 5], help="consecutive tasks merged into one")
     parser.add_argument("--validation", type=float, default=0.2)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/domains_lite0_cpu/lambda_holdout/curve.json"))
+    parser.add_argument("--out", type=Path,
+                        default=Path("benchmarks/results/domains_lite0_cpu/lambda_holdout/curve.json"))
     args = parser.parse_args()
     data = capture(args.config, args.num_tasks, args.validation, "ridge_lambda_curve")
     features, labels = torch.cat([f for f, _ in data["eval"]]), torch.cat([y for _, y in data["eval"]])
