@@ -3,30 +3,20 @@ run, and the table is still written."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import offline_wandb
+from helpers import load_benchmark, offline_wandb
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 def test_a_failing_variant_is_named_and_the_table_still_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     offline_wandb(monkeypatch, tmp_path)
-    _load("compare")
-    ablate = _load("ablate")
+    load_benchmark("compare")
+    ablate = load_benchmark("ablate")
     real_run_method = ablate.run_method
 
     def run_method(method, num_tasks, config, args, runs_dir, group):
@@ -56,7 +46,7 @@ def test_every_variant_override_is_accepted_by_the_cli() -> None:
 
     from ham_lightning.core.config import HAMConfig
 
-    ablate = _load("ablate")
+    ablate = load_benchmark("ablate")
     # On top of the config ablate.py runs by default (its --config), as the CLI applies them.
     default = yaml.safe_load((ROOT / "configs" / "tiny_imagenet_lite0_cpu.yaml").read_text())["model"]["ham"]
     for variant, (_, overrides) in ablate.ABLATIONS.items():

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import offline_wandb
+from helpers import load_benchmark, offline_wandb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,21 +23,13 @@ TINY = [
 ]
 
 
-def _load_compare():
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare"] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 @pytest.fixture(autouse=True)
 def _offline_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     offline_wandb(monkeypatch, tmp_path)
 
 
 def test_compare_two_methods_two_tasks_writes_json_table_and_resumes(tmp_path: Path) -> None:
-    compare = _load_compare()
+    compare = load_benchmark("compare")
     out, runs = tmp_path / "out", tmp_path / "runs"
     argv = ["--methods", "ham", "merge_average", "--num_tasks", "2", "--out", str(out), "--runs_dir", str(runs),
             "--", *TINY]
@@ -69,7 +59,7 @@ def test_compare_two_methods_two_tasks_writes_json_table_and_resumes(tmp_path: P
 
 
 def test_method_args_are_known() -> None:
-    compare = _load_compare()
+    compare = load_benchmark("compare")
     assert compare.method_args("ham") == []
     assert "--data.num_tasks=1" in compare.method_args("joint")
     with pytest.raises(ValueError):
@@ -84,7 +74,7 @@ def test_every_method_is_a_valid_setting_of_every_shipped_config(config: str) ->
 
     from ham_lightning.core.config import HAMConfig
 
-    compare = _load_compare()
+    compare = load_benchmark("compare")
     model = yaml.safe_load((ROOT / "configs" / config).read_text()).get("model", {})
     for method in compare.METHODS:
         ham = dict(model.get("ham") or {})

@@ -1,21 +1,10 @@
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tables():
-    spec = importlib.util.spec_from_file_location("tables", ROOT / "benchmarks" / "tables.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tables"] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+from helpers import load_benchmark
 
 
 def _run(path: Path, last: float, method: str, tasks: int = 2, groups: dict | None = None) -> None:
@@ -26,7 +15,7 @@ def _run(path: Path, last: float, method: str, tasks: int = 2, groups: dict | No
 
 
 def test_table_gives_the_gap_closed_and_the_groups_and_fills_the_marked_block(tmp_path: Path) -> None:
-    tables = _tables()
+    tables = load_benchmark("tables")
     _run(tmp_path / "T2" / "ridge.json", 50.0, "ridge")
     _run(tmp_path / "T1" / "joint.json", 70.0, "seq_lora", tasks=1, groups={"max_groups": 1, "assignment": [0]})
     _run(tmp_path / "T2" / "ham.json", 65.0, "ham",
