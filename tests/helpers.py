@@ -74,7 +74,8 @@ def unmount(path: Path) -> None:
 def load_benchmark(name: str) -> ModuleType:
     """``benchmarks/<name>.py`` imported as module ``name`` (the scripts are not a package; they import each other
     by name, so it is registered in ``sys.modules``)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)  # type: ignore[union-attr]
