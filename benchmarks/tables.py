@@ -39,6 +39,10 @@ def groups(run: dict[str, Any]) -> str:
 
 
 def table(runs: dict[str, dict[str, Any]]) -> str:
+    missing = [m for m in ("ridge", "joint") if m not in runs]
+    if missing:
+        raise SystemExit(f"no {' or '.join(missing)} result: the gap closed needs both anchors; run compare.py "
+                         f"--methods {' '.join(missing)} with the same --out first")
     ridge, joint = runs["ridge"]["last_accuracy"], runs["joint"]["last_accuracy"]
     rows = ["| method | last acc | avg inc acc | forgetting | gap closed | groups (ARI vs domains) | fit wall (s) |",
             "|:---|---:|---:|---:|---:|:---|---:|"]

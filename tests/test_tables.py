@@ -33,3 +33,5 @@ def test_table_gives_the_gap_closed_and_the_groups_and_fills_the_marked_block(tm
     assert doc.read_text() == f"before\n<!-- t-2 -->\n{text}\n<!-- /t-2 -->\nafter\n"
     with pytest.raises(SystemExit, match="no <!-- t-3 -->"):
         tables.fill(doc, "t-3", text)
+    with pytest.raises(SystemExit, match="no joint result"):
+        tables.table({"ridge": {"last_accuracy": 50.0}})
