@@ -48,6 +48,9 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     # ... with the adapters' loss over every seen class (the train head's finished rows frozen), issue 22 item 4
     "protect_group_0.9_seen": ("ham", [*_ROUTED, "--model.ham.protect_scope=group", "--model.ham.protect_inputs=0.9",
                                        "--model.head_mask=seen"]),
+    # ... with twice the rank cap of a slot (a domain's slot fills its 32 by the eighth of 10 tasks)
+    "protect_group_0.9_rank64": ("ham", [*_ROUTED, "--model.ham.protect_scope=group",
+                                         "--model.ham.protect_inputs=0.9", "--model.ham.group_rank=64"]),
     "routing_protect_off": ("ham", [*_ROUTED, "--model.ham.protect_inputs=0"]),
     "max_groups_1": ("ham", ["--model.ham.max_groups=1"]),
     "max_groups_2": ("ham", ["--model.ham.max_groups=2"]),
