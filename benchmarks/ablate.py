@@ -51,6 +51,15 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     # ... with twice the rank cap of a slot (a domain's slot fills its 32 by the eighth of 10 tasks)
     "protect_group_0.9_rank64": ("ham", [*_ROUTED, "--model.ham.protect_scope=group",
                                          "--model.ham.protect_inputs=0.9", "--model.ham.group_rank=64"]),
+    # the committed config (routed, group 0.9) scoring each input among its routed group's classes only
+    "route_head": ("ham", ["--model.route_head=true"]),
+    # issue 22 item 4: earlier classes' features drawn from Gaussian class statistics into each training batch
+    # (the train head's finished rows frozen, or trained on the draws too: PASS), every earlier class or, with
+    # route_head, the joined slot's
+    "pseudo_64": ("ham", ["--model.pseudo_features=64"]),
+    "pseudo_64_open": ("ham", ["--model.pseudo_features=64", "--model.freeze_old_rows=false"]),
+    "route_head_pseudo_64_open": ("ham", ["--model.route_head=true", "--model.pseudo_features=64",
+                                          "--model.freeze_old_rows=false"]),
     "routing_protect_off": ("ham", [*_ROUTED, "--model.ham.protect_inputs=0"]),
     "max_groups_1": ("ham", ["--model.ham.max_groups=1"]),
     "max_groups_2": ("ham", ["--model.ham.max_groups=2"]),

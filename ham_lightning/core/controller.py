@@ -16,7 +16,7 @@ from ham_lightning.core.distributed import summed
 from ham_lightning.core.layer import HAMLayer
 from ham_lightning.core.merge_rules import HierarchicalMerge, MergeDecision, MergeRule, create_merge_rule
 from ham_lightning.core.norm import freeze_norm_layers
-from ham_lightning.core.routing import PrefixRouter, input_dim, run_observed
+from ham_lightning.core.routing import PrefixRouter, Routes, input_dim, run_observed
 from ham_lightning.core.subspace import InputSubspace
 from ham_lightning.core.targets import find_targets
 
@@ -150,6 +150,11 @@ class HAMController:
             routes = None
         for layer in self.layers.values():
             layer.route = routes
+
+    @property
+    def last_routes(self) -> Routes | None:
+        """The per-input slots of the latest forward (None when the model does not route)."""
+        return next(iter(self.layers.values())).route
 
     @torch.no_grad()
     def observe_task(self, batches: Iterable[Any], forward: Callable[[Any], Any]) -> list[float | None]:

@@ -15,11 +15,13 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from typing_extensions import override
 
+from ham_lightning.core.class_gaussians import ClassGaussians
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.controller import HAMController, inject
 from ham_lightning.core.heads import HeadKind, IncrementalHead, LogitMask, create_head, is_statistics_head
 from ham_lightning.core.norm import freeze_norm_layers
 from ham_lightning.core.prefix import PREFIX_KEY, PrefixSplit, split_model
+from ham_lightning.core.routing import restrict_to_slots
 from ham_lightning.core.subspace import InputSubspace
 from ham_lightning.lightning.evaluation import TaskAccuracy
 from ham_lightning.lightning.task_protocol import TaskAware
@@ -57,6 +59,12 @@ class HAMModule(LightningModule, TaskAware):
         optimizer: optimizer factory (LightningCLI style); scalars get no weight decay.
         lr_scheduler: optional LR scheduler factory; it restarts with every task.
         head_lr: learning rate of the head, if different from the optimizer's.
+        route_head: with ``ham.routing``, each input is scored among the classes of the tasks in its routed slot
+            only (a head per group, the router choosing the group); ``False`` scores it among every seen class.
+        pseudo_features: old-class features drawn per training batch from Gaussian class statistics
+            (`ClassGaussians`, taken in each boundary's statistics pass) and added to the loss with their labels,
+            so the adapter learns its task's classes against earlier ones without their images (PASS-style; the
+            classes of the slot the task joins with ``route_head``, else every earlier class). 0: none.
     """
 
     def __init__(
@@ -78,6 +86,8 @@ class HAMModule(LightningModule, TaskAware):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         head_lr: float | None = None,
+        route_head: bool = False,
+        pseudo_features: int = 0,
     ) -> None:
         super().__init__()
         ignore = ["ham", "optimizer", "lr_scheduler"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
@@ -112,6 +122,23 @@ class HAMModule(LightningModule, TaskAware):
             self.loss_head = IncrementalHead(dim, num_classes, mask=head_mask, freeze_old_rows=freeze_old_rows,
                                              kind=train_head, scale=head_scale)
         self.optimizer_factory, self.lr_scheduler_factory, self.head_lr = optimizer, lr_scheduler, head_lr
+        self.route_head, self.pseudo_features = route_head, pseudo_features
+        if pseudo_features < 0:
+            raise ValueError(f"pseudo_features must be >= 0 (0: none), got {pseudo_features}")
+        #: Class statistics the pseudo-features are drawn from (fed by the statistics pass through `forward`).
+        self.class_statistics: ClassGaussians | None = None
+        if pseudo_features and adapt:
+            self.class_statistics = ClassGaussians(dim, num_classes)
+        elif pseudo_features:
+            raise ValueError("pseudo_features trains adapters against earlier classes, but adapt=False trains no "
+                             "adapter: set pseudo_features=0.")
+        if route_head:
+            if not (adapt and self.ham_config.routing):
+                raise ValueError("route_head=True scores each input among its routed group's classes, but this model "
+                                 f"does not route (adapt={adapt}, ham.routing={self.ham_config.routing}): set "
+                                 "ham.routing=true (with adapters), or route_head=false.")
+            # The slot each class's task joined (-1: not merged yet): set at every boundary, saved in checkpoints.
+            self.register_buffer("class_slot", torch.full((num_classes,), -1, dtype=torch.long))
         self.task = 0
         if not self.trains_anything:
             self.automatic_optimization = False
@@ -154,8 +181,17 @@ class HAMModule(LightningModule, TaskAware):
 
     @override
     def forward(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
-        """Logits over every class of the scenario (unmasked)."""
-        return self.head(self.features(x))
+        """Logits over every class of the scenario (unmasked; with ``route_head`` in eval mode, ``-inf`` on the
+        classes of the slots an input was not routed to)."""
+        features = self.features(x)
+        logits = self.head(features)
+        if self.class_statistics is not None and not self.training:
+            self.class_statistics(features)  # the statistics pass's hook reads the features here
+        if self.route_head and not self.training:
+            routes = self.ham.last_routes  # type: ignore[union-attr]  # set by this forward's routing hook
+            if routes is not None:
+                logits = restrict_to_slots(logits, routes.slots.to(logits.device), self.class_slot)
+        return logits
 
     def probabilities(self, logits: Tensor) -> Tensor:
         """Class probabilities of ``forward``'s logits among the classes seen so far: the head's calibrated ones
@@ -173,6 +209,13 @@ class HAMModule(LightningModule, TaskAware):
     @override
     def on_task_start(self, task: int, classes: Sequence[int]) -> None:
         self.task = task
+
+    @override
+    def on_after_merge(self, task: int) -> None:
+        """``route_head``: the task's classes (the head's current ones) belong to the slot the task joined."""
+        if self.route_head:
+            group = self.ham.history[-1].group  # type: ignore[union-attr]
+            self.class_slot[self.head.current.to(self.class_slot.device)] = group
 
     @override
     def on_fit_start(self) -> None:
@@ -205,10 +248,33 @@ class HAMModule(LightningModule, TaskAware):
             return None  # a frozen backbone with a statistics head: fitted at the task's end
         x, y = batch
         head = self.loss_head or self.head
-        logits = head.train_logits(head(self.features(x)))
+        features = self.features(x)
+        pseudo = self._pseudo_batch(head) if self.class_statistics is not None else None
+        if pseudo is None:
+            logits = head.train_logits(head(features))
+        else:
+            drawn, labels, allowed = pseudo
+            features, y = torch.cat([features, drawn.to(features)]), torch.cat([y, labels.to(y.device)])
+            logits = head(features).masked_fill(~(allowed.to(features.device) | head.current), float("-inf"))
         loss = F.cross_entropy(logits.float(), y)
         self.log("train/loss", loss, prog_bar=True, batch_size=y.shape[0])
         return loss
+
+    def _pseudo_batch(self, head: nn.Module) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``pseudo_features`` draws of earlier classes (uniform over them), their labels and the classes drawn
+        from; None before there is any. Seeded by the task and the step, so a resumed run draws the same."""
+        stats = self.class_statistics
+        assert stats is not None
+        pool = stats.known.cpu() & ~head.current.cpu()
+        if self.route_head:
+            planned = int(self.ham.router.planned)  # type: ignore[union-attr]  # the slot this task joins
+            pool &= self.class_slot.cpu() == planned
+        classes = torch.nonzero(pool).flatten()
+        if classes.numel() == 0:
+            return None
+        generator = torch.Generator().manual_seed(1_000_003 * self.task + self.global_step)
+        labels = classes[torch.randint(len(classes), (self.pseudo_features,), generator=generator)]
+        return stats.draw(labels, generator), labels, pool
 
     def _eval_step(self, batch: tuple[Any, Tensor], dataloader_idx: int) -> None:
         x, y = batch

@@ -66,3 +66,87 @@ def test_mobilenetv3_head_width_is_the_pooled_feature_width() -> None:
         features = model.features(torch.randn(2, 3, 64, 64))
     assert model.head.linear.in_features == features.shape[1] == model.backbone.head_hidden_size
     assert model.backbone.head_hidden_size != model.backbone.num_features  # the case that broke num_features
+
+
+class _BlockBackbone(torch.nn.Module):
+    """`MLPBackbone` as ``blocks.0``: a block to adapt from (routing reads its inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.Sequential(MLPBackbone())
+        self.num_features = self.blocks[0].num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def _routed_model(route_head: bool, pseudo_features: int = 0) -> ham_lightning.HAMModule:
+    torch.manual_seed(0)
+    config = ham_lightning.HAMConfig(target_modules=["fc1", "fc2"], rank=4, max_groups=2, group_rank=8,
+                                     routing=True, similarity_source="data", similarity_threshold=0.01,
+                                     adapt_from="blocks.0")
+    return ham_lightning.HAMModule(_BlockBackbone(), num_classes=6, ham=config, head="ridge",
+                                   head_kwargs={"projection": 256}, route_head=route_head,
+                                   pseudo_features=pseudo_features,
+                                   optimizer=lambda params: torch.optim.AdamW(params, lr=0.02))
+
+
+def test_route_head_scores_each_input_among_its_routed_groups_classes() -> None:
+    model = _routed_model(route_head=True)
+    results = _fit(model).results()
+    assignment = results["groups"]["assignment"]  # 3 tasks of 2 classes, 2 slots: one slot holds two tasks
+    assert sorted(set(assignment)) == [0, 1]
+    assert model.class_slot.tolist() == [g for g in assignment for _ in range(2)]
+    assert "class_slot" in model.state_dict()
+    data = ToyTaskData(num_tasks=3)
+    x = data.train_set.tensors[0][:64]
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    slots = model.ham.last_routes.slots
+    other = model.class_slot[None, :] != slots[:, None]
+    assert other.any() and torch.isinf(logits[other]).all() and torch.isfinite(logits[~other]).all()
+    model.route_head = False  # the same model scoring every seen class: finite everywhere, equal on the slot's
+    with torch.no_grad():
+        plain = model(x)
+    assert torch.isfinite(plain).all() and torch.equal(plain[~other], logits[~other])
+    assert results["last_accuracy"] > 60.0  # chance is 16.7%
+
+
+def test_route_head_needs_routing() -> None:
+    with pytest.raises(ValueError, match="set ham.routing=true"):
+        ham_lightning.HAMModule(MLPBackbone(), num_classes=6, head="ridge", route_head=True,
+                                ham=ham_lightning.HAMConfig(target_modules=["fc1", "fc2"]))
+
+
+@pytest.mark.parametrize("route_head", [False, True])
+def test_pseudo_features_draw_earlier_classes_into_the_loss(route_head: bool) -> None:
+    model = _routed_model(route_head=route_head, pseudo_features=24)
+    assert model.class_statistics is not None
+    results = _fit(model).results()
+    assert model.class_statistics.known.all()  # every class's statistics, from the boundaries' statistics pass
+    assert results["last_accuracy"] > 60.0
+    # As if the last task were training again: draws from earlier classes only (of its own slot with route_head).
+    model.train()
+    current = model.loss_head.current
+    if route_head:  # the later of the two tasks that share a slot, planned on that slot
+        assignment = results["groups"]["assignment"]
+        shared = max(set(assignment), key=assignment.count)
+        later = max(t for t, g in enumerate(assignment) if g == shared)
+        current.zero_()
+        current[2 * later: 2 * later + 2] = True
+        model.ham.router.planned.fill_(shared)
+    drawn, labels, pool = model._pseudo_batch(model.loss_head)
+    assert drawn.shape == (24, model.class_statistics.in_features) and not current[labels].any()
+    if route_head:
+        earlier = [c for t, g in enumerate(assignment) if g == shared and t != later for c in (2 * t, 2 * t + 1)]
+        assert set(labels.tolist()) == set(torch.nonzero(pool).flatten().tolist()) == set(earlier)
+    else:
+        assert set(labels.tolist()) == set(torch.nonzero(pool).flatten().tolist()) == {0, 1, 2, 3}
+    again = model._pseudo_batch(model.loss_head)
+    assert torch.equal(again[0], drawn) and torch.equal(again[1], labels)  # seeded by task and step
+
+
+def test_pseudo_features_need_adapters() -> None:
+    with pytest.raises(ValueError, match="set pseudo_features=0"):
+        ham_lightning.HAMModule(MLPBackbone(), num_classes=6, head="ridge", adapt=False, pseudo_features=8)
