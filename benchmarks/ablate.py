@@ -58,6 +58,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     # route_head, the joined slot's
     "pseudo_64": ("ham", ["--model.pseudo_features=64"]),
     "pseudo_64_open": ("ham", ["--model.pseudo_features=64", "--model.freeze_old_rows=false"]),
+    "pseudo_16_open": ("ham", ["--model.pseudo_features=16", "--model.freeze_old_rows=false"]),
     "route_head_pseudo_64_open": ("ham", ["--model.route_head=true", "--model.pseudo_features=64",
                                           "--model.freeze_old_rows=false"]),
     "routing_protect_off": ("ham", [*_ROUTED, "--model.ham.protect_inputs=0"]),

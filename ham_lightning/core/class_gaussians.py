@@ -10,7 +10,7 @@ It is a `StatisticsHead` so the sequence driver's statistics pass feeds it the f
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -25,18 +25,22 @@ class ClassGaussians(StatisticsHead):
     pooled within-class covariance is exact whatever the task split. ``covariance="shared"`` draws every class
     with that pooled covariance; ``"diagonal"`` with the class's own variances. A full covariance per class would
     be ``classes x dim^2`` numbers (1.3 GB for 200 x 1280 in float32). ``shrinkage`` pulls the covariance towards
-    its mean variance so it factorises."""
+    its mean variance so it factorises. ``clip=True`` clips every draw to the range each feature took in the
+    statistics (a Gaussian draws negative values where, after a ReLU, no real feature is: a classifier could then
+    tell draws from real features by that alone)."""
 
     def __init__(self, in_features: int, num_classes: int, covariance: Covariance = "shared",
-                 shrinkage: float = 1e-3) -> None:
+                 shrinkage: float = 1e-3, clip: bool = False) -> None:
         super().__init__(in_features, num_classes)
         if covariance not in ("shared", "diagonal"):
             raise ValueError(f"covariance must be 'shared' or 'diagonal', got {covariance!r}")
-        self.covariance, self.shrinkage = covariance, shrinkage
+        self.covariance, self.shrinkage, self.clip = covariance, shrinkage, clip
         self.register_buffer("class_sum", torch.zeros(num_classes, in_features, dtype=torch.float64))
         self.register_buffer("class_sq", torch.zeros(num_classes, in_features, dtype=torch.float64))
         self.register_buffer("class_count", torch.zeros(num_classes, dtype=torch.float64))
         self.register_buffer("outer", torch.zeros(in_features, in_features, dtype=torch.float64))
+        self.register_buffer("low", torch.full((in_features,), float("inf"), dtype=torch.float64))
+        self.register_buffer("high", torch.full((in_features,), float("-inf"), dtype=torch.float64))
         self._factor: tuple[int, Tensor] | None = None  # (outer's version, Cholesky factor of the pooled covariance)
 
     @torch.no_grad()
@@ -46,6 +50,15 @@ class ClassGaussians(StatisticsHead):
         self.class_sq.index_add_(0, labels, f * f)
         self.class_count.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
         self.outer.add_(f.T @ f)
+        if len(f):
+            torch.minimum(self.low, f.min(0).values, out=self.low)
+            torch.maximum(self.high, f.max(0).values, out=self.high)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A checkpoint from before the range was kept: no range known, so draws are not clipped.
+        for name in ("low", "high"):
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def fit(self) -> None:
         """The statistics are the sums: nothing to solve (the covariance factor is computed when first drawn)."""
@@ -91,4 +104,10 @@ class ClassGaussians(StatisticsHead):
             count = self.class_count.cpu()[classes].clamp_min(1.0)[:, None]
             var = (self.class_sq.cpu()[classes] / count - self.means().cpu()[classes] ** 2).clamp_min(0.0)
             noise = z * (var + self.shrinkage * var.mean()).sqrt()[index]
-        return (means + noise).float()
+        drawn = means + noise
+        if self.clip:
+            low, high = self.low.cpu(), self.high.cpu()
+            known = low <= high  # no range before any update, nor from a checkpoint that did not keep it
+            drawn = torch.maximum(torch.minimum(drawn, torch.where(known, high, torch.inf)),
+                                  torch.where(known, low, -torch.inf))
+        return drawn.float()

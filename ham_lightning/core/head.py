@@ -66,6 +66,10 @@ class Head(nn.Module):
         """Solve the head from everything accumulated (heads with ``needs_statistics``)."""
         raise NotImplementedError(f"{type(self).__name__} sets needs_statistics but does not implement fit()")
 
+    def summary(self) -> dict[str, float]:
+        """Scalars worth recording after each boundary's fit (results.json's task records); none by default."""
+        return {}
+
     def train_logits(self, logits: Tensor) -> Tensor:
         """Logits masked for training: the current task's classes."""
         return logits.masked_fill(~self.current, float("-inf"))

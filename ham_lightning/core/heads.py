@@ -355,6 +355,10 @@ class RidgeHead(StatisticsHead):
         self.weight.copy_(self._solve(self.gram, self.targets, lam).to(self.weight.dtype))
         self.lam.fill_(lam)
 
+    def summary(self) -> dict[str, float]:
+        """The ``lam`` and ``temperature`` of the latest fit."""
+        return {"lam": float(self.lam), "temperature": float(self.temperature)}
+
     def probabilities(self, logits: Tensor) -> Tensor:
         """Calibrated class probabilities of this head's scores (``-inf`` for classes masked out)."""
         return torch.softmax(logits.double() / self.temperature.to(logits.device), dim=-1).to(logits.dtype)

@@ -62,7 +62,8 @@ class HAMModule(LightningModule, TaskAware):
         route_head: with ``ham.routing``, each input is scored among the classes of the tasks in its routed slot
             only (a head per group, the router choosing the group); ``False`` scores it among every seen class.
         pseudo_features: old-class features drawn per training batch from Gaussian class statistics
-            (`ClassGaussians`, taken in each boundary's statistics pass) and added to the loss with their labels,
+            (`ClassGaussians`, taken in each boundary's statistics pass, clipped to the features' range) and added
+            to the loss with their labels,
             so the adapter learns its task's classes against earlier ones without their images (PASS-style; the
             classes of the slot the task joins with ``route_head``, else every earlier class). 0: none.
     """
@@ -128,7 +129,7 @@ class HAMModule(LightningModule, TaskAware):
         #: Class statistics the pseudo-features are drawn from (fed by the statistics pass through `forward`).
         self.class_statistics: ClassGaussians | None = None
         if pseudo_features and adapt:
-            self.class_statistics = ClassGaussians(dim, num_classes)
+            self.class_statistics = ClassGaussians(dim, num_classes, clip=True)
         elif pseudo_features:
             raise ValueError("pseudo_features trains adapters against earlier classes, but adapt=False trains no "
                              "adapter: set pseudo_features=0.")

@@ -48,3 +48,19 @@ def test_statistics_do_not_depend_on_the_task_split() -> None:
 def test_bad_covariance_is_refused() -> None:
     with pytest.raises(ValueError, match="covariance must be 'shared' or 'diagonal'"):
         ClassGaussians(3, 3, covariance="full")
+
+
+def test_clip_keeps_draws_in_the_range_the_features_took() -> None:
+    x, y, _, _ = _data(500)
+    x = x.clamp_min(0.0)  # as after a ReLU
+    clipped, free = ClassGaussians(3, 3, clip=True), ClassGaussians(3, 3)
+    for stats in (clipped, free):
+        stats.update(x, y)
+    labels = torch.zeros(2000, dtype=torch.long)
+    assert (free.draw(labels, torch.Generator().manual_seed(0)) < 0).any()
+    drawn = clipped.draw(labels, torch.Generator().manual_seed(0))
+    assert (drawn >= x.min(0).values).all() and (drawn <= x.max(0).values).all()
+    state = {k: v for k, v in clipped.state_dict().items() if k not in ("low", "high")}  # an older checkpoint
+    old = ClassGaussians(3, 3, clip=True)
+    old.load_state_dict(state)
+    assert torch.isinf(old.low).all() and (old.draw(labels, torch.Generator().manual_seed(0)) < 0).any()

@@ -111,6 +111,9 @@ def test_route_head_scores_each_input_among_its_routed_groups_classes() -> None:
         plain = model(x)
     assert torch.isfinite(plain).all() and torch.equal(plain[~other], logits[~other])
     assert results["last_accuracy"] > 60.0  # chance is 16.7%
+    # every boundary records the ridge head's chosen lam and temperature (the loss head has nothing to record)
+    assert [sorted(t["heads"]) for t in results["tasks"]] == [["head"]] * 3
+    assert all(t["heads"]["head"]["lam"] > 0 and t["heads"]["head"]["temperature"] > 0 for t in results["tasks"])
 
 
 def test_route_head_needs_routing() -> None:
