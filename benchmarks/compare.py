@@ -32,18 +32,19 @@ from typing import Any
 #: (kept off the input subspace of every earlier task: without routing that is the only safe scope).
 _BASELINE = ["--model.ham.max_groups=1", "--model.ham.train_importance=false",
              "--model.ham.train_group_scalars=false", "--model.ham.routing=false",
-             "--model.ham.similarity_source=weights", "--model.ham.protect_scope=all"]
+             "--model.ham.similarity_source=weights", "--model.ham.protect_scope=all", "--model.route_head=false"]
 #: CLI overrides that turn the shared config into each method (HAM runs the config unchanged). ``ncm`` and
 #: ``ridge`` are the training-free anchors: the frozen backbone (no adapters) under a statistics head, one pass.
 METHOD_ARGS: dict[str, list[str]] = {
     "ham": [],
     # The paper's HAM: groups by the deltas' cosine, every group's delta on every input (configs that route)
     "ham_paper": ["--model.ham.routing=false", "--model.ham.similarity_source=weights",
-                  "--model.ham.similarity_threshold=null", "--model.ham.protect_scope=all"],
+                  "--model.ham.similarity_threshold=null", "--model.ham.protect_scope=all",
+                  "--model.route_head=false"],
     **{m: [f"--model.ham.method={m}", *_BASELINE]
        for m in ("seq_lora", "merge_sum", "merge_average", "merge_ties", "first_session")},
-    "ncm": ["--model.adapt=false", "--model.head=ncm", "--data.epochs_per_task=1"],
-    "ridge": ["--model.adapt=false", "--model.head=ridge", "--data.epochs_per_task=1"],
+    "ncm": ["--model.adapt=false", "--model.head=ncm", "--data.epochs_per_task=1", "--model.route_head=false"],
+    "ridge": ["--model.adapt=false", "--model.head=ridge", "--data.epochs_per_task=1", "--model.route_head=false"],
     "joint": ["--model.ham.method=seq_lora", *_BASELINE, "--data.num_tasks=1"],
 }
 METHODS = tuple(METHOD_ARGS)
