@@ -43,8 +43,8 @@ METHOD_ARGS: dict[str, list[str]] = {
                   "--model.route_head=false"],
     **{m: [f"--model.ham.method={m}", *_BASELINE]
        for m in ("seq_lora", "merge_sum", "merge_average", "merge_ties", "first_session")},
-    "ncm": ["--model.adapt=false", "--model.head=ncm", "--data.epochs_per_task=1", "--model.route_head=false"],
-    "ridge": ["--model.adapt=false", "--model.head=ridge", "--data.epochs_per_task=1", "--model.route_head=false"],
+    "ncm": ["--model.adapt=false", "--model.head=ncm", "--data.epochs_per_task=1"],
+    "ridge": ["--model.adapt=false", "--model.head=ridge", "--data.epochs_per_task=1"],
     "joint": ["--model.ham.method=seq_lora", *_BASELINE, "--data.num_tasks=1"],
 }
 METHODS = tuple(METHOD_ARGS)

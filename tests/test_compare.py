@@ -86,5 +86,5 @@ def test_every_method_is_a_valid_setting_of_every_shipped_config(config: str) ->
             raise AssertionError(f"{config}, method {method}: {ham} is refused: {err}") from err
         top = {**model, **{o.split("=", 1)[0].removeprefix("--model."): yaml.safe_load(o.split("=", 1)[1])
                            for o in compare.method_args(method) if o.startswith("--model.") and ".ham." not in o}}
-        if top.get("route_head"):  # HAMModule refuses a routed head on a model that does not route
-            assert top.get("adapt", True) and ham.get("routing"), f"{config}, method {method}: route_head without routing"
+        if top.get("route_head") and top.get("adapt", True):  # HAMModule refuses it on adapters that do not route
+            assert ham.get("routing"), f"{config}, method {method}: route_head without routing"

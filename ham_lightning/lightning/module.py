@@ -61,6 +61,7 @@ class HAMModule(LightningModule, TaskAware):
         head_lr: learning rate of the head, if different from the optimizer's.
         route_head: with ``ham.routing``, each input is scored among the classes of the tasks in its routed slot
             only (a head per group, the router choosing the group); ``False`` scores it among every seen class.
+            No effect with ``adapt=False`` (nothing routes).
         pseudo_features: old-class features drawn per training batch from Gaussian class statistics
             (`ClassGaussians`, taken in each boundary's statistics pass, clipped to the features' range) and added
             to the loss with their labels,
@@ -123,6 +124,8 @@ class HAMModule(LightningModule, TaskAware):
             self.loss_head = IncrementalHead(dim, num_classes, mask=head_mask, freeze_old_rows=freeze_old_rows,
                                              kind=train_head, scale=head_scale)
         self.optimizer_factory, self.lr_scheduler_factory, self.head_lr = optimizer, lr_scheduler, head_lr
+        # A frozen backbone (adapt=False) routes nothing, so route_head has no effect there, as the rest of `ham`.
+        route_head = route_head and adapt
         self.route_head, self.pseudo_features = route_head, pseudo_features
         if pseudo_features < 0:
             raise ValueError(f"pseudo_features must be >= 0 (0: none), got {pseudo_features}")
@@ -134,10 +137,9 @@ class HAMModule(LightningModule, TaskAware):
             raise ValueError("pseudo_features trains adapters against earlier classes, but adapt=False trains no "
                              "adapter: set pseudo_features=0.")
         if route_head:
-            if not (adapt and self.ham_config.routing):
+            if not self.ham_config.routing:
                 raise ValueError("route_head=True scores each input among its routed group's classes, but this model "
-                                 f"does not route (adapt={adapt}, ham.routing={self.ham_config.routing}): set "
-                                 "ham.routing=true (with adapters), or route_head=false.")
+                                 "does not route (ham.routing=false): set ham.routing=true, or route_head=false.")
             # The slot each class's task joined (-1: not merged yet): set at every boundary, saved in checkpoints.
             self.register_buffer("class_slot", torch.full((num_classes,), -1, dtype=torch.long))
         self.task = 0

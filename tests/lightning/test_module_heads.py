@@ -116,10 +116,12 @@ def test_route_head_scores_each_input_among_its_routed_groups_classes() -> None:
     assert all(t["heads"]["head"]["lam"] > 0 and t["heads"]["head"]["temperature"] > 0 for t in results["tasks"])
 
 
-def test_route_head_needs_routing() -> None:
+def test_route_head_needs_routing_and_is_inert_on_a_frozen_backbone() -> None:
     with pytest.raises(ValueError, match="set ham.routing=true"):
         ham_lightning.HAMModule(MLPBackbone(), num_classes=6, head="ridge", route_head=True,
                                 ham=ham_lightning.HAMConfig(target_modules=["fc1", "fc2"]))
+    frozen = ham_lightning.HAMModule(MLPBackbone(), num_classes=6, head="ridge", adapt=False, route_head=True)
+    assert not frozen.route_head and "class_slot" not in frozen.state_dict()  # as the rest of `ham`: unused
 
 
 @pytest.mark.parametrize("route_head", [False, True])
