@@ -51,8 +51,8 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     # ... with twice the rank cap of a slot (a domain's slot fills its 32 by the eighth of 10 tasks)
     "protect_group_0.9_rank64": ("ham", [*_ROUTED, "--model.ham.protect_scope=group",
                                          "--model.ham.protect_inputs=0.9", "--model.ham.group_rank=64"]),
-    # the committed config (routed, group 0.9) scoring each input among its routed group's classes only
-    "route_head": ("ham", ["--model.route_head=true"]),
+    # the committed config with one statistics head over every class instead of one per group slot
+    "route_head_off": ("ham", ["--model.route_head=false"]),
     # issue 22 item 4: earlier classes' features drawn from Gaussian class statistics into each training batch
     # (the train head's finished rows frozen, or trained on the draws too: PASS), every earlier class or, with
     # route_head, the joined slot's

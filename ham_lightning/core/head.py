@@ -58,6 +58,10 @@ class Head(nn.Module):
     def end_task(self) -> None:
         """The task has trained (before the merge). Nothing by default."""
 
+    def on_group(self, group: int) -> None:
+        """The task just merged into group slot ``group`` (HAM's driver, before the statistics pass). Nothing by
+        default; `GroupedHead` records the slot of the task's classes."""
+
     def update(self, features: Tensor, labels: Tensor) -> None:
         """Accumulate one batch of the statistics pass (heads with ``needs_statistics``)."""
         raise NotImplementedError(f"{type(self).__name__} sets needs_statistics but does not implement update()")

@@ -92,14 +92,6 @@ def add_routed_groups(layer: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return y
 
 
-def restrict_to_slots(logits: Tensor, slots: Tensor, class_slot: Tensor) -> Tensor:
-    """``logits`` (``N x C``) kept, for each input, on the classes of the tasks in its routed slot (``-inf`` on
-    other slots' classes): one head per group, the group chosen by the router. ``class_slot`` (``C``) is the slot
-    each class's task joined (-1: none yet, never masked); an input without a route (-1) keeps every class."""
-    other = (class_slot[None, :] >= 0) & (slots[:, None] >= 0) & (class_slot[None, :] != slots[:, None])
-    return logits.masked_fill(other, float("-inf"))
-
-
 class _Observed(Exception):
     """Raised by the routing hook once the pooled input is recorded: the rest of the forward is not needed."""
 

@@ -15,7 +15,7 @@ from typing_extensions import override
 from ham_lightning.core.controller import HAMController, MergeDecision, find_controller
 from ham_lightning.core.distributed import rank_rows, world
 from ham_lightning.lightning.sequence import ContinualEvaluation
-from ham_lightning.lightning.statistics import rows_of
+from ham_lightning.lightning.statistics import rows_of, task_heads
 
 
 class HierarchicalMergeCallback(ContinualEvaluation):
@@ -132,6 +132,8 @@ class HierarchicalMergeCallback(ContinualEvaluation):
         if controller is None:
             return {}
         decision = controller.end_task()
+        for head in task_heads(pl_module):  # before the statistics pass: a head per group learns the task's slot
+            head.on_group(decision.group)
         metrics = {"ham/group": float(decision.group), "ham/opened": float(decision.opened),
                    "ham/num_groups": float(controller.num_groups), "ham/importance": decision.importance,
                    "ham/kept_fraction": decision.kept_fraction}

@@ -18,10 +18,10 @@ from typing_extensions import override
 from ham_lightning.core.class_gaussians import ClassGaussians
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.controller import HAMController, inject
+from ham_lightning.core.grouped_head import GroupedHead
 from ham_lightning.core.heads import HeadKind, IncrementalHead, LogitMask, create_head, is_statistics_head
 from ham_lightning.core.norm import freeze_norm_layers
 from ham_lightning.core.prefix import PREFIX_KEY, PrefixSplit, split_model
-from ham_lightning.core.routing import restrict_to_slots
 from ham_lightning.core.subspace import InputSubspace
 from ham_lightning.lightning.evaluation import TaskAccuracy
 from ham_lightning.lightning.task_protocol import TaskAware
@@ -59,8 +59,8 @@ class HAMModule(LightningModule, TaskAware):
         optimizer: optimizer factory (LightningCLI style); scalars get no weight decay.
         lr_scheduler: optional LR scheduler factory; it restarts with every task.
         head_lr: learning rate of the head, if different from the optimizer's.
-        route_head: with ``ham.routing``, each input is scored among the classes of the tasks in its routed slot
-            only (a head per group, the router choosing the group); ``False`` scores it among every seen class.
+        route_head: with ``ham.routing``, one statistics head per group slot (`GroupedHead`), each input scored by
+            its routed slot's head among that slot's classes; ``False``: one head scores every seen class.
             No effect with ``adapt=False`` (nothing routes).
         pseudo_features: old-class features drawn per training batch from Gaussian class statistics
             (`ClassGaussians`, taken in each boundary's statistics pass, clipped to the features' range) and added
@@ -116,16 +116,24 @@ class HAMModule(LightningModule, TaskAware):
                 freeze_norm_layers(self.backbone)
         self._split: PrefixSplit | None = None  # built on first use: see `prefix_split`
         dim = int(feature_dim or _feature_dim(self.backbone))
-        self.head = create_head(head, dim, num_classes, mask=head_mask, freeze_old_rows=freeze_old_rows,
-                                scale=head_scale, **(head_kwargs or {}))
+
+        def make_head() -> nn.Module:
+            return create_head(head, dim, num_classes, mask=head_mask, freeze_old_rows=freeze_old_rows,
+                               scale=head_scale, **(head_kwargs or {}))
+
+        # A frozen backbone (adapt=False) routes nothing, so route_head has no effect there, as the rest of `ham`.
+        route_head = route_head and adapt
+        if route_head and not self.ham_config.routing:
+            raise ValueError("route_head=True scores each input with its routed group's head, but this model does not "
+                             "route (ham.routing=false): set ham.routing=true, or route_head=false.")
+        self.head = (GroupedHead(dim, num_classes, self.ham_config.max_groups, make_head) if route_head
+                     else make_head())
         # The head whose loss trains the adapters, when `head` is fitted from statistics.
         self.loss_head: IncrementalHead | None = None
         if is_statistics_head(self.head) and adapt:
             self.loss_head = IncrementalHead(dim, num_classes, mask=head_mask, freeze_old_rows=freeze_old_rows,
                                              kind=train_head, scale=head_scale)
         self.optimizer_factory, self.lr_scheduler_factory, self.head_lr = optimizer, lr_scheduler, head_lr
-        # A frozen backbone (adapt=False) routes nothing, so route_head has no effect there, as the rest of `ham`.
-        route_head = route_head and adapt
         self.route_head, self.pseudo_features = route_head, pseudo_features
         if pseudo_features < 0:
             raise ValueError(f"pseudo_features must be >= 0 (0: none), got {pseudo_features}")
@@ -136,12 +144,6 @@ class HAMModule(LightningModule, TaskAware):
         elif pseudo_features:
             raise ValueError("pseudo_features trains adapters against earlier classes, but adapt=False trains no "
                              "adapter: set pseudo_features=0.")
-        if route_head:
-            if not self.ham_config.routing:
-                raise ValueError("route_head=True scores each input among its routed group's classes, but this model "
-                                 "does not route (ham.routing=false): set ham.routing=true, or route_head=false.")
-            # The slot each class's task joined (-1: not merged yet): set at every boundary, saved in checkpoints.
-            self.register_buffer("class_slot", torch.full((num_classes,), -1, dtype=torch.long))
         self.task = 0
         if not self.trains_anything:
             self.automatic_optimization = False
@@ -184,22 +186,35 @@ class HAMModule(LightningModule, TaskAware):
 
     @override
     def forward(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
-        """Logits over every class of the scenario (unmasked; with ``route_head`` in eval mode, ``-inf`` on the
-        classes of the slots an input was not routed to)."""
+        """Logits over every class of the scenario (unmasked; with ``route_head``, each input's from its routed
+        group's head, ``-inf`` on other groups' classes)."""
         features = self.features(x)
-        logits = self.head(features)
+        if self.route_head:
+            logits = self.head(features, self._slots(features))
+        else:
+            logits = self.head(features)
         if self.class_statistics is not None and not self.training:
             self.class_statistics(features)  # the statistics pass's hook reads the features here
-        if self.route_head and not self.training:
-            routes = self.ham.last_routes  # type: ignore[union-attr]  # set by this forward's routing hook
-            if routes is not None:
-                logits = restrict_to_slots(logits, routes.slots.to(logits.device), self.class_slot)
         return logits
+
+    def _slots(self, features: Tensor) -> Tensor:
+        """The routed slot of every input of the forward just run (set by the routing hook)."""
+        routes = self.ham.last_routes  # type: ignore[union-attr]
+        if routes is None:
+            return torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
+        return routes.slots.to(features.device)
 
     def probabilities(self, logits: Tensor) -> Tensor:
         """Class probabilities of ``forward``'s logits among the classes seen so far: the head's calibrated ones
         where it has them (``ridge``: a temperature fitted on held-out training samples), else the softmax."""
         logits = self.head.eval_logits(logits)
+        if self.route_head:  # each input under its group's head's calibration (the routes of the last forward)
+            slots = self._slots(logits)
+            if slots.shape[0] != logits.shape[0]:
+                raise RuntimeError(f"probabilities() of {logits.shape[0]} inputs, but the last forward routed "
+                                   f"{slots.shape[0]}: with route_head call it right after the forward that gave "
+                                   "the logits.")
+            return self.head.probabilities(logits, slots)
         calibrated = getattr(self.head, "probabilities", None)
         return calibrated(logits) if calibrated is not None else torch.softmax(logits, dim=-1)
 
@@ -212,13 +227,6 @@ class HAMModule(LightningModule, TaskAware):
     @override
     def on_task_start(self, task: int, classes: Sequence[int]) -> None:
         self.task = task
-
-    @override
-    def on_after_merge(self, task: int) -> None:
-        """``route_head``: the task's classes (the head's current ones) belong to the slot the task joined."""
-        if self.route_head:
-            group = self.ham.history[-1].group  # type: ignore[union-attr]
-            self.class_slot[self.head.current.to(self.class_slot.device)] = group
 
     @override
     def on_fit_start(self) -> None:
@@ -271,7 +279,7 @@ class HAMModule(LightningModule, TaskAware):
         pool = stats.known.cpu() & ~head.current.cpu()
         if self.route_head:
             planned = int(self.ham.router.planned)  # type: ignore[union-attr]  # the slot this task joins
-            pool &= self.class_slot.cpu() == planned
+            pool &= self.head.class_slot.cpu() == planned
         classes = torch.nonzero(pool).flatten()
         if classes.numel() == 0:
             return None

@@ -43,8 +43,13 @@ def rows_of(x: Any, rows: slice) -> Any:
 
 
 def task_heads(module: nn.Module) -> list[Head]:
-    """Every `Head` in ``module`` (the sequence driver's ``start_task`` / ``end_task`` and statistics pass)."""
-    return [m for m in module.modules() if isinstance(m, Head)]
+    """Every `Head` in ``module`` not inside another `Head` (the sequence driver's ``start_task`` / ``end_task``
+    and statistics pass): a head that holds heads (`GroupedHead`) drives them itself."""
+    heads: dict[str, Head] = {}
+    for name, m in module.named_modules():
+        if isinstance(m, Head) and not any(name.startswith(outer + ".") for outer in heads if outer):
+            heads[name] = m
+    return list(heads.values())
 
 
 @torch.no_grad()

@@ -7,6 +7,8 @@ import torch
 from toy import MLPBackbone, ToyTaskData, quiet_trainer
 
 import ham_lightning
+from ham_lightning.core.grouped_head import GroupedHead
+from ham_lightning.lightning.statistics import task_heads
 
 
 def _fit(model: ham_lightning.HAMModule, epochs: int = 1) -> ham_lightning.HierarchicalMergeCallback:
@@ -91,29 +93,35 @@ def _routed_model(route_head: bool, pseudo_features: int = 0) -> ham_lightning.H
                                    optimizer=lambda params: torch.optim.AdamW(params, lr=0.02))
 
 
-def test_route_head_scores_each_input_among_its_routed_groups_classes() -> None:
+def test_route_head_scores_each_input_with_its_routed_groups_head() -> None:
     model = _routed_model(route_head=True)
     results = _fit(model).results()
+    head = model.head
+    assert isinstance(head, GroupedHead) and task_heads(model) == [head, model.loss_head]
     assignment = results["groups"]["assignment"]  # 3 tasks of 2 classes, 2 slots: one slot holds two tasks
     assert sorted(set(assignment)) == [0, 1]
-    assert model.class_slot.tolist() == [g for g in assignment for _ in range(2)]
-    assert "class_slot" in model.state_dict()
-    data = ToyTaskData(num_tasks=3)
-    x = data.train_set.tensors[0][:64]
+    assert head.class_slot.tolist() == [g for g in assignment for _ in range(2)]
+    for g, inner in enumerate(head.heads):  # each group's head was fitted on its own tasks' classes alone
+        assert torch.nonzero(inner.seen).flatten().tolist() == [c for c in range(6) if assignment[c // 2] == g]
+        assert inner.count == 48 * 2 * assignment.count(g)  # the training samples of its tasks
+    x = ToyTaskData(num_tasks=3).train_set.tensors[0][:64]
     model.eval()
     with torch.no_grad():
         logits = model(x)
+    probabilities = model.probabilities(logits)  # under the routes of the forward just run
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(64))
     slots = model.ham.last_routes.slots
-    other = model.class_slot[None, :] != slots[:, None]
+    other = head.class_slot[None, :] != slots[:, None]
     assert other.any() and torch.isinf(logits[other]).all() and torch.isfinite(logits[~other]).all()
-    model.route_head = False  # the same model scoring every seen class: finite everywhere, equal on the slot's
-    with torch.no_grad():
-        plain = model(x)
-    assert torch.isfinite(plain).all() and torch.equal(plain[~other], logits[~other])
+    with torch.no_grad():  # an input's scores are its slot's head's, on the slot's classes
+        g = int(slots[0])
+        own = head.heads[g](model.features(x[:1]))[0, head.class_slot == g]
+    torch.testing.assert_close(logits[0, head.class_slot == g], own)
+    with pytest.raises(RuntimeError, match="right after"):
+        model.probabilities(logits)  # the last forward routed one input, not these 64
     assert results["last_accuracy"] > 60.0  # chance is 16.7%
-    # every boundary records the ridge head's chosen lam and temperature (the loss head has nothing to record)
-    assert [sorted(t["heads"]) for t in results["tasks"]] == [["head"]] * 3
-    assert all(t["heads"]["head"]["lam"] > 0 and t["heads"]["head"]["temperature"] > 0 for t in results["tasks"])
+    # every boundary records each used group head's chosen lam and temperature
+    assert all(t["heads"]["head"][f"group{assignment[t['task']]}_lam"] > 0 for t in results["tasks"])
 
 
 def test_route_head_needs_routing_and_is_inert_on_a_frozen_backbone() -> None:
@@ -121,7 +129,7 @@ def test_route_head_needs_routing_and_is_inert_on_a_frozen_backbone() -> None:
         ham_lightning.HAMModule(MLPBackbone(), num_classes=6, head="ridge", route_head=True,
                                 ham=ham_lightning.HAMConfig(target_modules=["fc1", "fc2"]))
     frozen = ham_lightning.HAMModule(MLPBackbone(), num_classes=6, head="ridge", adapt=False, route_head=True)
-    assert not frozen.route_head and "class_slot" not in frozen.state_dict()  # as the rest of `ham`: unused
+    assert not frozen.route_head and not isinstance(frozen.head, GroupedHead)  # as the rest of `ham`: unused
 
 
 @pytest.mark.parametrize("route_head", [False, True])
