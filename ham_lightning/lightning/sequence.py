@@ -24,7 +24,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from ham_lightning.core.head import Head
 from ham_lightning.lightning.evaluation import Counts, continual_metrics, evaluate_tasks
 from ham_lightning.lightning.statistics import statistics_pass, task_heads
 from ham_lightning.lightning.task_protocol import TaskProtocol, check_task_protocol, task_aware
@@ -241,8 +240,9 @@ class ContinualEvaluation(Callback):
             "wall_time_s": time.perf_counter() - self._task_start_time if self._task_start_time else None,
             **peak_memory(pl_module.device),
         }
+        outer = task_heads(pl_module)  # a head inside a head reports through its owner
         heads = {name or "head": summary for name, m in pl_module.named_modules()
-                 if isinstance(m, Head) and (summary := m.summary())}
+                 if any(m is h for h in outer) and (summary := m.summary())}
         if heads:  # e.g. the ridge head's chosen `lam` at every boundary
             record["heads"] = heads
         if self.evaluate:

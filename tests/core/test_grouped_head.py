@@ -12,7 +12,7 @@ from ham_lightning.core.heads import IncrementalHead, NCMHead
 def test_each_group_head_learns_its_own_classes_and_scores_its_own_inputs() -> None:
     head = GroupedHead(2, 4, num_groups=2, factory=lambda: NCMHead(2, 4, scale=1.0))
     means = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]])
-    for task, (classes, group) in enumerate([([0, 1], 0), ([2, 3], 1)]):
+    for classes, group in [([0, 1], 0), ([2, 3], 1)]:
         head.start_task(classes)
         head.on_group(group)
         y = torch.tensor(classes).repeat(5)

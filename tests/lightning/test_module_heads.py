@@ -122,6 +122,7 @@ def test_route_head_scores_each_input_with_its_routed_groups_head() -> None:
     assert results["last_accuracy"] > 60.0  # chance is 16.7%
     # every boundary records each used group head's chosen lam and temperature
     assert all(t["heads"]["head"][f"group{assignment[t['task']]}_lam"] > 0 for t in results["tasks"])
+    assert all(list(t["heads"]) == ["head"] for t in results["tasks"])  # the group heads report through it
 
 
 def test_route_head_needs_routing_and_is_inert_on_a_frozen_backbone() -> None:
