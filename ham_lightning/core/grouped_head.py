@@ -21,7 +21,8 @@ class GroupedHead(StatisticsHead):
     """``num_groups`` statistics heads made by ``factory``; ``class_slot`` records the slot each class's task
     joined (`on_group`, called by the sequence driver after the merge). A batch of the statistics pass updates the
     head of its classes' slot; ``forward(features, slots)`` scores each input with the head of its slot, among that
-    slot's classes (``-inf`` elsewhere). The inner heads are driven by this one only."""
+    slot's classes (``-inf`` elsewhere), divided by that head's ``temperature`` where it has one (ridge), so one
+    softmax calibrates every input whichever group scored it. The inner heads are driven by this one only."""
 
     def __init__(self, in_features: int, num_classes: int, num_groups: int,
                  factory: Callable[[], StatisticsHead]) -> None:
@@ -70,20 +71,19 @@ class GroupedHead(StatisticsHead):
             if g < 0:
                 continue
             rows = torch.nonzero(slots == g).flatten()
-            scores = self.heads[g].forward(features[rows])  # .forward: the statistics pass hooks only this head
+            head = self.heads[g]
+            scores = head.forward(features[rows])  # .forward: the statistics pass hooks only this head
+            temperature = getattr(head, "temperature", None)
+            if temperature is not None:  # calibrated scores: a softmax of them is the group head's probabilities
+                scores = scores / temperature.to(scores)
             own = (self.class_slot == g).to(scores.device)
             out[rows] = scores.masked_fill(~own, float("-inf")).to(out.dtype)
         return out
 
-    def probabilities(self, logits: Tensor, slots: Tensor) -> Tensor:
-        """Calibrated probabilities: each input's scores under its slot's head's calibration, where it has one."""
-        out = torch.softmax(logits, dim=-1)
-        for g in torch.unique(slots).tolist():
-            calibrated = getattr(self.heads[g], "probabilities", None) if g >= 0 else None
-            if calibrated is not None:
-                rows = slots == g
-                out[rows] = calibrated(logits[rows])
-        return out
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Class probabilities: the scores are already divided by their group head's temperature (ridge), so
+        every input's softmax is under its own group's calibration."""
+        return torch.softmax(logits, dim=-1)
 
     def summary(self) -> dict[str, float]:
         return {f"group{g}_{k}": v for g, h in enumerate(self.heads) if bool((self.class_slot == g).any())

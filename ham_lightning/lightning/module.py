@@ -208,13 +208,6 @@ class HAMModule(LightningModule, TaskAware):
         """Class probabilities of ``forward``'s logits among the classes seen so far: the head's calibrated ones
         where it has them (``ridge``: a temperature fitted on held-out training samples), else the softmax."""
         logits = self.head.eval_logits(logits)
-        if self.route_head:  # each input under its group's head's calibration (the routes of the last forward)
-            slots = self._slots(logits)
-            if slots.shape[0] != logits.shape[0]:
-                raise RuntimeError(f"probabilities() of {logits.shape[0]} inputs, but the last forward routed "
-                                   f"{slots.shape[0]}: with route_head call it right after the forward that gave "
-                                   "the logits.")
-            return self.head.probabilities(logits, slots)
         calibrated = getattr(self.head, "probabilities", None)
         return calibrated(logits) if calibrated is not None else torch.softmax(logits, dim=-1)
 

@@ -108,17 +108,18 @@ def test_route_head_scores_each_input_with_its_routed_groups_head() -> None:
     model.eval()
     with torch.no_grad():
         logits = model(x)
-    probabilities = model.probabilities(logits)  # under the routes of the forward just run
+    probabilities = model.probabilities(logits)  # each input under its group head's temperature
     torch.testing.assert_close(probabilities.sum(1), torch.ones(64))
     slots = model.ham.last_routes.slots
     other = head.class_slot[None, :] != slots[:, None]
     assert other.any() and torch.isinf(logits[other]).all() and torch.isfinite(logits[~other]).all()
-    with torch.no_grad():  # an input's scores are its slot's head's, on the slot's classes
+    with torch.no_grad():  # an input's scores are its slot's head's on the slot's classes, over its temperature
         g = int(slots[0])
-        own = head.heads[g](model.features(x[:1]))[0, head.class_slot == g]
-    torch.testing.assert_close(logits[0, head.class_slot == g], own)
-    with pytest.raises(RuntimeError, match="right after"):
-        model.probabilities(logits)  # the last forward routed one input, not these 64
+        inner = head.heads[g]
+        own = inner(model.features(x[:1]))[0, head.class_slot == g] / inner.temperature.float()
+        torch.testing.assert_close(logits[0, head.class_slot == g], own, rtol=1e-5, atol=1e-5)
+        calibrated = inner.probabilities(inner.eval_logits(inner(model.features(x[:1]))))[0, head.class_slot == g]
+    torch.testing.assert_close(probabilities[0, head.class_slot == g], calibrated)
     assert results["last_accuracy"] > 60.0  # chance is 16.7%
     # every boundary records each used group head's chosen lam and temperature
     assert all(t["heads"]["head"][f"group{assignment[t['task']]}_lam"] > 0 for t in results["tasks"])
