@@ -64,9 +64,9 @@ class HAMModule(LightningModule, TaskAware):
             No effect with ``adapt=False`` (nothing routes).
         pseudo_features: old-class features drawn per training batch from Gaussian class statistics
             (`ClassGaussians`, taken in each boundary's statistics pass, clipped to the features' range) and added
-            to the loss with their labels,
-            so the adapter learns its task's classes against earlier ones without their images (PASS-style; the
-            classes of the slot the task joins with ``route_head``, else every earlier class). 0: none.
+            to the loss with their labels, so the adapter learns its task's classes against earlier ones without
+            their images (PASS-style; the classes of the slot the task joins with ``route_head``, else every
+            earlier class). 0: none (measured to cost accuracy: docs/results.md).
     """
 
     def __init__(
