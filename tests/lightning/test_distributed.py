@@ -107,3 +107,18 @@ def test_ham_with_protection_routing_and_ridge_head_under_ddp(tmp_path: Path) ->
     first = "backbone.blocks.0.fc1.ham_state.subspace.moment__blocks__0__fc1"
     assert _relative(state[first], reference[first]) < 1e-6
     assert ranks[0]["last"] == pytest.approx(single["last"], abs=5.0)
+
+
+def test_a_head_per_group_under_ddp(tmp_path: Path) -> None:
+    """``route_head``: every rank tells its group heads the task's slot and feeds them whole batches, so the ranks
+    end identical and each group's head counts its tasks' samples once, as one process does."""
+    _launch(tmp_path, "--head", "ridge", "--protect", "0.9", "--routing", "1", "--route_head", "1")
+    ranks = _ranks(tmp_path, "ridge")
+    _assert_ranks_identical(ranks)
+    single = run("ridge", adapt=True, protect=0.9, routing=True, devices=1, route_head=True)
+    state, reference = ranks[0]["state"], single["state"]
+    keys = [k for k in reference if k.startswith("head.heads.") and k.endswith((".count", ".batches"))]
+    assert keys and torch.equal(state["head.class_slot"], reference["head.class_slot"])
+    for key in keys:
+        assert torch.equal(state[key], reference[key]), key
+    assert sum(int(reference[k]) for k in keys if k.endswith(".count")) > 0
