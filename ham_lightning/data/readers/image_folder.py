@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ..cache_entries import archive_stamp
 from ..image_store import ZipImageStore
 from .base import DatasetReader, Split, SplitData, seeded_split, seeded_split_name
 from .folders import (
@@ -156,8 +156,7 @@ class ImageFolderReader(DatasetReader):
             return out
 
         def stamp() -> list[str | bytes]:
-            st = os.stat(archive)
-            return [f"{st.st_size}:{st.st_mtime_ns}"]
+            return [archive_stamp(archive)]
 
         return SplitData(labels=labels[positions], names=[f"{archive}:{m}" for m in members], store=store,
                          cache_parts=[self.name, split, str(archive.resolve())], cache_stamp=stamp,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache_entries import archive_stamp
 from ..image_store import decode_many, is_image_file
 from .base import DatasetReader, Split, SplitData, natural_key
 
@@ -175,10 +176,11 @@ class TinyImageNetReader(DatasetReader):
             return out
 
         def stamp() -> list[str | bytes]:
-            """Size and modification time of the zip, or of every selected file of a folder (a folder's own
-            time does not change when an image inside it is replaced)."""
-            targets = [self.tree.location] if self.tree.is_zip else [self.tree.location / r for r in rels]
-            stats = [os.stat(t) for t in targets]
+            """The zip's content hash, or the size and modification time of every selected file of a folder (a
+            folder's own time does not change when an image inside it is replaced)."""
+            if self.tree.is_zip:
+                return [archive_stamp(self.tree.location)]
+            stats = [os.stat(self.tree.location / r) for r in rels]
             return [f"{st.st_size}:{st.st_mtime_ns}" for st in stats]
 
         return SplitData(

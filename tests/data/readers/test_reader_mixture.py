@@ -153,3 +153,19 @@ def test_mixture_refuses_what_it_cannot_do(tmp_path: Path, layouts) -> None:
         ClassIncrementalDataModule("mixture", sources=[{"dataset": "digits", "colour": 1}])
     with pytest.raises(ValueError, match="data.sources is for dataset='mixture'"):
         ClassIncrementalDataModule("digits", sources=[{"dataset": "digits"}])
+
+
+def test_a_zips_cache_identity_is_its_bytes_not_its_time(tmp_path: Path, layouts) -> None:
+    """A re-provisioned data folder (same bytes, new modification time) hits the same caches; new bytes do not."""
+    import os
+
+    folder = _presplit(tmp_path / "tree", layouts, ["cat", "dog"])
+    archive = _zip_tree(folder, tmp_path / "tree.zip")
+    stamp = build_reader("image_folder", archive).load("train").cache_stamp
+    first = stamp()
+    os.utime(archive, ns=(archive.stat().st_atime_ns, archive.stat().st_mtime_ns + 10**9))
+    assert build_reader("image_folder", archive).load("train").cache_stamp() == first
+    donor = next((folder / "train" / "dog").glob("*.png"))
+    (folder / "train" / "cat" / "extra.png").write_bytes(donor.read_bytes())
+    _zip_tree(folder, archive)
+    assert build_reader("image_folder", archive).load("train").cache_stamp() != first
