@@ -12,8 +12,8 @@ Files, under ``cache_dir`` (default `DEFAULT_CACHE_DIR`):
 * ``<name>-<digest>.lock``: serialises concurrent builders (two runs of a comparison started at once).
 
 The key holds everything that changes the content: data set, split and the identity of its files (a zip's
-sha256, or a folder's paths, sizes and modification times; file names, labels), the transform (resolution, normalisation, augmentation), backbone and
-weight tag, prefix point, number of views and view seed, storage dtype, the timm and torchvision versions and
+sha256, or a folder's paths, sizes and modification times; file names, labels), the transform (resolution,
+normalisation, augmentation), backbone and weight tag, prefix point, number of views and view seed, storage dtype, the timm and torchvision versions and
 `CACHE_FORMAT_VERSION`; ``<digest>`` is its hash. The class order is not part of it: rows are stored in the
 reader's order and labels are applied by the datamodule, so every class order reuses one cache.
 
@@ -47,6 +47,7 @@ from ham_lightning.core.prefix import PrefixSplit, multi_prefix, split_model
 from .cache_entries import (
     CacheFiles,
     FeatureCacheWarning,
+    archive_stamp,
     cache_files,
     check_cache,
     file_sha256,
@@ -189,16 +190,17 @@ def split_identity(data: SplitData, source: str = "", root: Path | None = None) 
 
     In-memory arrays (digits, CIFAR-100): the bytes themselves; a data set read from one file (the Tiny-ImageNet
     zip, ``root``): that file's sha256 (0.1 s for 100 MB), so a copy or another path to it hits the same cache;
-    other decoded-on-load splits and zip or mixed stores: the reader's cache parts and stamp (resolved path; a zip's
-    sha256, or size and mtime of every file of a folder); file-backed splits: size and mtime of every file. Always with the image names (relative to
-    ``source``, the reader's location string) and labels, so a per-class limit changes it.
+    other decoded-on-load splits and zip or mixed stores: the reader's cache parts and stamp (resolved path; a
+    zip's sha256, or size and mtime of every file of a folder); file-backed splits: size and mtime of every file.
+    Always with the image names (relative to ``source``, the reader's location string) and labels, so a per-class
+    limit changes it.
     """
     names = [n[len(source):] if source and n.startswith(source) else n for n in data.names]
     parts: list[str | bytes] = [*names, data.labels.tobytes()]
     if data.images is not None:
         parts.append(hashlib.sha256(np.ascontiguousarray(data.images).data).hexdigest())
     elif root is not None and root.is_file():
-        parts.append(file_sha256(root))
+        parts.append(archive_stamp(root))  # the readers' stamps hash the same file: one hash per process
     elif data.decode is not None or data.store is not None:
         parts += [*data.cache_parts, *(data.cache_stamp() if data.cache_stamp is not None else [])]
     else:
