@@ -54,6 +54,8 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     # the committed config with one statistics head over every class instead of one per group slot
     "route_head_off": ("ham", ["--model.route_head=false"]),
     "route_head_protect_0.8": ("ham", ["--model.ham.protect_inputs=0.8"]),  # the config (a head per group) at 0.8
+    "route_head_prune_none": ("ham", ["--model.ham.prune=none"]),  # the config (a head per group), nothing pruned
+    "route_head_rank16": ("ham", ["--model.ham.rank=16"]),  # the config with twice each task adapter's rank
     # issue 22 item 4: earlier classes' features drawn from Gaussian class statistics into each training batch
     # (the train head's finished rows frozen, or trained on the draws too: PASS), every earlier class or, with
     # route_head, the joined slot's
