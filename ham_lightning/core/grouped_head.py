@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ham_lightning.core.head import StatisticsHead
+from ham_lightning.core.routing import Routes
 
 
 class GroupedHead(StatisticsHead):
@@ -60,17 +61,20 @@ class GroupedHead(StatisticsHead):
             self.heads[g].fit()
         self._touched.clear()
 
-    def forward(self, features: Tensor, slots: Tensor | None = None) -> Tensor:
-        """Scores of every class; each input's come from its slot's head, on that slot's classes (``slots``:
-        one slot per input, -1 for none: such an input gets ``-inf`` everywhere)."""
+    def forward(self, features: Tensor, slots: Routes | Tensor | None = None) -> Tensor:
+        """Scores of every class; each input's come from its slot's head, on that slot's classes (``slots``: the
+        forward's `Routes`, already grouped by slot, or one slot per input; -1 for none: such an input gets
+        ``-inf`` everywhere)."""
         if slots is None:
             raise ValueError("GroupedHead scores an input with its group's head: pass the routed slot of every input "
                              "(HAMModule does, from the controller's routes).")
+        routes = slots if isinstance(slots, Routes) else Routes.of(slots)
+        if routes.slots.shape[0] != features.shape[0]:
+            raise ValueError(f"{routes.slots.shape[0]} routed slots for {features.shape[0]} inputs: pass the routes "
+                             "of the forward that computed these features.")
         out = features.new_full((features.shape[0], self.num_classes), float("-inf"))
-        for g in torch.unique(slots).tolist():
-            if g < 0:
-                continue
-            rows = torch.nonzero(slots == g).flatten()
+        for g, rows in routes.members:
+            rows = rows.to(features.device)
             head = self.heads[g]
             scores = head.forward(features[rows])  # .forward: the statistics pass hooks only this head
             temperature = getattr(head, "temperature", None)

@@ -22,6 +22,7 @@ from ham_lightning.core.grouped_head import GroupedHead
 from ham_lightning.core.heads import HeadKind, IncrementalHead, LogitMask, create_head, is_statistics_head
 from ham_lightning.core.norm import freeze_norm_layers
 from ham_lightning.core.prefix import PREFIX_KEY, PrefixSplit, split_model
+from ham_lightning.core.routing import Routes
 from ham_lightning.core.subspace import InputSubspace
 from ham_lightning.lightning.evaluation import TaskAccuracy
 from ham_lightning.lightning.task_protocol import TaskAware
@@ -197,12 +198,13 @@ class HAMModule(LightningModule, TaskAware):
             self.class_statistics(features)  # the statistics pass's hook reads the features here
         return logits
 
-    def _slots(self, features: Tensor) -> Tensor:
-        """The routed slot of every input of the forward just run (set by the routing hook)."""
+    def _slots(self, features: Tensor) -> Routes | Tensor:
+        """The routes of the forward just run (set by the routing hook; grouped by slot once, for the layers and
+        the head alike), or no slot for any input when nothing routed."""
         routes = self.ham.last_routes  # type: ignore[union-attr]
         if routes is None:
             return torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
-        return routes.slots.to(features.device)
+        return routes
 
     def probabilities(self, logits: Tensor) -> Tensor:
         """Class probabilities of ``forward``'s logits among the classes seen so far: the head's calibrated ones

@@ -7,6 +7,7 @@ import torch
 
 from ham_lightning.core.grouped_head import GroupedHead
 from ham_lightning.core.heads import IncrementalHead, NCMHead
+from ham_lightning.core.routing import Routes
 
 
 def test_each_group_head_learns_its_own_classes_and_scores_its_own_inputs() -> None:
@@ -25,6 +26,7 @@ def test_each_group_head_learns_its_own_classes_and_scores_its_own_inputs() -> N
     assert torch.isinf(scores[0, 2:]).all() and torch.isinf(scores[1, :2]).all()
     assert scores.argmax(1).tolist() == [0, 2]
     assert torch.isinf(head(x, torch.tensor([-1, 1]))[0]).all()  # no route: no score
+    assert torch.equal(head(x, Routes.of(torch.tensor([0, 1]))), scores)  # the layers' routes, grouped once
     assert head.summary() == {}  # NCM records nothing
 
 
@@ -39,3 +41,5 @@ def test_grouped_head_refuses_what_it_cannot_do() -> None:
         head.on_group(2)
     with pytest.raises(ValueError, match="pass the routed slot"):
         head(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="2 routed slots for 1 inputs"):
+        head(torch.zeros(1, 2), torch.tensor([0, 1]))
