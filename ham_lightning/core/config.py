@@ -10,7 +10,7 @@ from ham_lightning.core.registry import MERGE_RULES
 PruneMode = Literal["magnitude", "rank", "none"]
 Granularity = Literal["adapter", "layer"]
 SimilarityReduction = Literal["concat", "layer_mean"]
-AdapterInit = Literal["shared", "per_task"]
+AdapterInit = Literal["shared", "per_task", "inputs"]
 SimilaritySource = Literal["weights", "data"]
 ProtectScope = Literal["all", "group"]
 #: The built-in merge rules: HAM's hierarchical merge and the baselines (docs/results.md). ``HAMConfig.method`` is
@@ -90,7 +90,10 @@ class HAMConfig:
         default="shared",
         metadata={"help": "Initial A of each task adapter: 'shared' (one seeded draw per layer for every task, so "
                           "task deltas live in comparable row spaces and their cosine means something) or "
-                          "'per_task' (a fresh draw per task: deltas are near-orthogonal whatever the data)."},
+                          "'per_task' (a fresh draw per task: deltas are near-orthogonal whatever the data) or "
+                          "'inputs' (the top principal directions of the task's own inputs to each layer, off the "
+                          "protected subspace: InfLoRA / PEFT's EVA; needs a pass over the task's data at its start, "
+                          "which HierarchicalMergeCallback runs)."},
     )
     freeze_norm: bool = field(
         default=True,
@@ -142,8 +145,8 @@ class HAMConfig:
             errors.append(f"scalar_granularity must be 'adapter' or 'layer', got {self.scalar_granularity!r}")
         if self.similarity not in ("concat", "layer_mean"):
             errors.append(f"similarity must be 'concat' or 'layer_mean', got {self.similarity!r}")
-        if self.adapter_init not in ("shared", "per_task"):
-            errors.append(f"adapter_init must be 'shared' or 'per_task', got {self.adapter_init!r}")
+        if self.adapter_init not in ("shared", "per_task", "inputs"):
+            errors.append(f"adapter_init must be 'shared', 'per_task' or 'inputs', got {self.adapter_init!r}")
         if not 0.0 <= self.protect_inputs < 1.0:
             errors.append(f"protect_inputs is an energy fraction in [0, 1), got {self.protect_inputs}")
         if self.protect_scope not in ("all", "group"):

@@ -203,9 +203,18 @@ class PrefixRouter(nn.Module):
         if self.mode == "observe":
             self.observe(pooled)
             raise _Observed
-        if training:
+        if training or self.mode == "planned":
             return Routes.of(torch.full((x.shape[0],), int(self.planned), dtype=torch.long, device=x.device))
         return Routes.of(self.route(pooled))
+
+    @contextmanager
+    def planned_routes(self) -> Iterator[None]:
+        """Inside: every input goes to the planned slot, as in training, whatever the module's mode."""
+        previous, self.mode = self.mode, "planned"
+        try:
+            yield
+        finally:
+            self.mode = previous
 
     @contextmanager
     def observing(self) -> Iterator[None]:

@@ -29,6 +29,41 @@ def _flat_inputs(layer: HAMLayer, x: Tensor) -> Tensor:
     return x.reshape(-1, layer.in_features)
 
 
+@contextmanager
+def input_moments(layers: dict[str, HAMLayer], moments: dict[str, Tensor]) -> Iterator[None]:
+    """While active, every forward of ``layers[name]`` adds its inputs' ``x^T x`` to ``moments[name]``."""
+    handles = []
+    for name, layer in layers.items():
+        def hook(module: nn.Module, args: tuple[Tensor, ...], moment: Tensor = moments[name]) -> None:
+            x = _flat_inputs(module, args[0].detach()).float()  # type: ignore[arg-type]
+            # float32 products of one batch, summed in float64 (a float64 product of a 1152-wide layer's
+            # inputs was most of a task boundary's time on CPU: docs/performance.md).
+            moment.add_((x.T @ x).to(moment.dtype))
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def principal_rows(moment: Tensor, rank: int, projector: Tensor | None = None) -> Tensor:
+    """``rank`` rows spanning the top principal directions of an input moment, off ``projector``'s subspace
+    (``(I - P) M (I - P)``): where a task's inputs have energy and the protected inputs have little (InfLoRA's
+    choice of ``A``; PEFT's EVA init without protection). Each row has the norm of a Kaiming-uniform row
+    (``1/sqrt(3)``), its sign fixed by its largest entry, so the result does not depend on the eigensolver."""
+    m = moment.double()
+    if projector is not None:
+        keep = torch.eye(m.shape[0], dtype=m.dtype, device=m.device) - projector.double()
+        m = keep @ m @ keep
+    m = (m + m.T) / 2
+    _, vecs = torch.linalg.eigh(m)  # ascending
+    rows = vecs[:, -rank:].flip(1).T.contiguous()
+    signs = torch.sign(rows.gather(1, rows.abs().argmax(1, keepdim=True)))
+    return (rows * signs / 3 ** 0.5).float()
+
+
 class InputSubspace(nn.Module):
     """Per-layer principal input subspace of the tasks seen so far, and the projection of new adapters off it.
 
@@ -75,23 +110,9 @@ class InputSubspace(nn.Module):
     def collect(self) -> Iterator[None]:
         """While active, every forward of a HAM layer adds its inputs' ``x^T x`` to that layer's moment (of
         `slot`); under DDP each rank adds its share and the shares are summed over the ranks on exit."""
-        handles = []
-        for name, layer in self._layers.items():
-            moment = self.moment(name)
-
-            def hook(module: nn.Module, args: tuple[Tensor, ...], moment: Tensor = moment) -> None:
-                x = _flat_inputs(module, args[0].detach()).float()  # type: ignore[arg-type]
-                # float32 products of one batch, summed in float64 (a float64 product of a 1152-wide layer's
-                # inputs was most of a task boundary's time on CPU: docs/performance.md).
-                moment.add_((x.T @ x).to(moment.dtype))
-
-            handles.append(layer.register_forward_pre_hook(hook))
-        try:
-            with sum_increments([self.moment(name) for name in self._layers]):
-                yield
-        finally:
-            for h in handles:
-                h.remove()
+        moments = {name: self.moment(name) for name in self._layers}
+        with input_moments(self._layers, moments), sum_increments(list(moments.values())):
+            yield
 
     @torch.no_grad()
     def update(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -84,7 +85,11 @@ class HierarchicalMergeCallback(ContinualEvaluation):
         # The task's data is observed first: it plans the slot whose subspace a group-scoped protection uses.
         if controller.router is not None and not controller.router.has_task_statistics:
             self.observe_task(trainer, pl_module)
-        if not getattr(self, "_fit_starting", False) or controller.num_tasks_merged == 0:
+        if controller.config.adapter_init == "inputs" and controller.adapter_is_fresh:
+            # After the slot is planned, A comes off that slot's subspace by construction; computed again alike
+            # when a fit resumes before the task's first step, so no second A(I-P) is applied either way.
+            self.init_adapter(trainer, pl_module)
+        elif not getattr(self, "_fit_starting", False) or controller.num_tasks_merged == 0:
             controller.protect_()  # the fresh adapter starts off the old tasks' subspace
 
     @torch.no_grad()
@@ -95,17 +100,33 @@ class HierarchicalMergeCallback(ContinualEvaluation):
         adapted part."""
         controller = self._controller
         assert controller is not None
+        with self._task_batches(trainer, pl_module) as batches:
+            return controller.observe_task(batches, pl_module)
+
+    @torch.no_grad()
+    def init_adapter(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``adapter_init="inputs"``: the fresh adapter's ``A`` from the current task's inputs to each layer
+        (`HAMController.init_adapter_from_inputs`), one pass in the same fixed order as `observe_task`."""
+        controller = self._controller
+        assert controller is not None
+        with self._task_batches(trainer, pl_module) as batches:
+            controller.init_adapter_from_inputs(batches, pl_module)
+
+    @contextlib.contextmanager
+    def _task_batches(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[Iterator[Any]]:
+        """The current task's training batches in a fixed order, this rank's block of each (under DDP the
+        sums over them are added up over the ranks), with the module in eval mode."""
         train = self._datamodule(trainer).train_dataloader()
         loader = DataLoader(train.dataset, batch_size=train.batch_size or 256, shuffle=False)
         was_training = pl_module.training
         pl_module.eval()
-        rank, size = world()  # under DDP each rank observes its block of every batch; the sums are added up
+        rank, size = world()
         shares = ((x, rank_rows(len(y), rank, size)) for x, y in loader)
-        batches = (move_data_to_device(rows_of(x, rows), pl_module.device) for x, rows in shares
+        try:
+            yield (move_data_to_device(rows_of(x, rows), pl_module.device) for x, rows in shares
                    if rows.stop > rows.start)
-        sims = controller.observe_task(batches, pl_module)
-        pl_module.train(was_training)
-        return sims
+        finally:
+            pl_module.train(was_training)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,

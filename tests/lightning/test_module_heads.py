@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from toy import MLPBackbone, ToyTaskData, quiet_trainer
@@ -82,11 +83,11 @@ class _BlockBackbone(torch.nn.Module):
         return self.blocks(x)
 
 
-def _routed_model(route_head: bool, pseudo_features: int = 0) -> ham_lightning.HAMModule:
+def _routed_model(route_head: bool, pseudo_features: int = 0, **ham: object) -> ham_lightning.HAMModule:
     torch.manual_seed(0)
     config = ham_lightning.HAMConfig(target_modules=["fc1", "fc2"], rank=4, max_groups=2, group_rank=8,
                                      routing=True, similarity_source="data", similarity_threshold=0.01,
-                                     adapt_from="blocks.0")
+                                     adapt_from="blocks.0", **ham)
     return ham_lightning.HAMModule(_BlockBackbone(), num_classes=6, ham=config, head="ridge",
                                    head_kwargs={"projection": 256}, route_head=route_head,
                                    pseudo_features=pseudo_features,
@@ -165,3 +166,42 @@ def test_pseudo_features_draw_earlier_classes_into_the_loss(route_head: bool) ->
 def test_pseudo_features_need_adapters() -> None:
     with pytest.raises(ValueError, match="set pseudo_features=0"):
         ham_lightning.HAMModule(MLPBackbone(), num_classes=6, head="ridge", adapt=False, pseudo_features=8)
+
+
+class _FirstStepA(pl.Callback):
+    """Each task's ``A`` of every layer and its slot's protected subspace (projector, rank), as the task's first
+    training step sees them."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, tuple[torch.Tensor, torch.Tensor, int]]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object,
+                             batch_idx: int) -> None:
+        ctrl = pl_module.ham
+        if ctrl.adapter_is_fresh:
+            space = ctrl.subspace
+            space.slot = int(ctrl.router.planned)
+            self.seen.append({n: (layer.lora_A.detach().clone(), space.projector(n).clone(), space.ranks()[n])
+                              for n, layer in ctrl.layers.items()})
+
+
+def test_adapter_init_from_inputs_starts_off_its_slots_protected_inputs() -> None:
+    """``adapter_init="inputs"`` under routing and group protection: every task's first step sees an ``A`` off the
+    protected subspace of the slot it trains on, along its own inputs, not the seeded draw; and the run learns."""
+    model = _routed_model(route_head=True, adapter_init="inputs", protect_inputs=0.9, protect_scope="group")
+    first = _FirstStepA()
+    merge = ham_lightning.HierarchicalMergeCallback()
+    quiet_trainer(max_epochs=3, reload_dataloaders_every_n_epochs=1, callbacks=[merge, first]).fit(
+        model, ToyTaskData(num_tasks=3, epochs_per_task=1))
+    assert len(first.seen) == 3  # each task's first step, with B still zero
+    seeded = _routed_model(route_head=True).ham
+    protected = 0
+    for layers in first.seen:
+        for name, (rows, projector, rank) in layers.items():
+            assert not torch.allclose(rows, seeded.layers[name].lora_A)  # not the seeded draw
+            torch.testing.assert_close(rows.norm(dim=1), torch.full((rows.shape[0],), 3 ** -0.5))
+            if rank > 0:  # a slot with earlier tasks: off their inputs
+                protected += 1
+                assert (rows @ projector).abs().max() < 1e-4
+    assert protected > 0
+    assert merge.results()["last_accuracy"] > 60.0  # chance is 16.7%

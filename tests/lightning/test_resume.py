@@ -37,9 +37,9 @@ def data() -> ToyTaskData:
 
 
 def fit(method: str, seed: int, callbacks: list[pl.Callback], ckpt_path: Path | None = None,
-        **trainer_kwargs) -> tuple[hl.HAMModule, hl.HierarchicalMergeCallback]:
+        ham: dict | None = None, **trainer_kwargs) -> tuple[hl.HAMModule, hl.HierarchicalMergeCallback]:
     pl.seed_everything(seed, verbose=False)
-    model = toy_model(max_groups=2 if method == "ham" else 1, method=method)
+    model = toy_model(max_groups=2 if method == "ham" else 1, method=method, **(ham or {}))
     merge = hl.HierarchicalMergeCallback()
     trainer = quiet_trainer(max_epochs=NUM_TASKS, reload_dataloaders_every_n_epochs=1, callbacks=[merge, *callbacks],
                             **trainer_kwargs)
@@ -47,13 +47,20 @@ def fit(method: str, seed: int, callbacks: list[pl.Callback], ckpt_path: Path | 
     return model, merge
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_killed_after_task_2_resumes_from_last_ckpt_bit_for_bit(method: str, tmp_path: Path) -> None:
-    full_model, full = fit(method, 0, [])
+#: An adapter whose A is computed from the task's inputs at the task's start (after the boundary the checkpoint
+#: holds that A with B = 0, and the resumed fit computes it again).
+INPUTS_INIT = {"adapter_init": "inputs", "protect_inputs": 0.9}
+
+
+@pytest.mark.parametrize(("method", "ham"), [*((m, None) for m in METHODS), ("ham", INPUTS_INIT)],
+                         ids=[*METHODS, "ham-inputs_init"])
+def test_killed_after_task_2_resumes_from_last_ckpt_bit_for_bit(method: str, ham: dict | None,
+                                                                tmp_path: Path) -> None:
+    full_model, full = fit(method, 0, [], ham=ham)
 
     last = ModelCheckpoint(dirpath=tmp_path, save_last=True)  # (save_top_k=0 would write no last.ckpt)
     with pytest.raises(RuntimeError, match="killed"):
-        fit(method, 0, [last, Kill(at=2)], enable_checkpointing=True)
+        fit(method, 0, [last, Kill(at=2)], ham=ham, enable_checkpointing=True)
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     state_key = f"backbone.{hl.find_controller(full_model).state_name}"  # backbone.fc1.ham_state
     assert len(ckpt["state_dict"][f"{state_key}._extra_state"]["history"]) == 2  # stopped after task 2
@@ -61,7 +68,7 @@ def test_killed_after_task_2_resumes_from_last_ckpt_bit_for_bit(method: str, tmp
         assert ckpt["state_dict"][f"{state_key}.merge_rule._extra_state"]["task_deltas"]
 
     # A different global seed and fresh objects: everything must come from the checkpoint.
-    model, resumed = fit(method, 123, [], ckpt_path=tmp_path / "last.ckpt")
+    model, resumed = fit(method, 123, [], ckpt_path=tmp_path / "last.ckpt", ham=ham)
     assert resumed.rows == full.rows  # exact (correct, total) counts: the accuracy matrix bit for bit
     assert len(resumed.rows) == NUM_TASKS
     assert resumed.results()["accuracy_matrix"] == full.results()["accuracy_matrix"]
