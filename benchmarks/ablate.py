@@ -58,6 +58,8 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "route_head_rank16": ("ham", ["--model.ham.rank=16"]),  # the config with twice each task adapter's rank
     # each task adapter's A from its own inputs' principal directions off the protected subspace (InfLoRA / EVA)
     "inputs_init": ("ham", ["--model.ham.adapter_init=inputs"]),
+    **{f"inputs_init_protect_{p}": ("ham", ["--model.ham.adapter_init=inputs", f"--model.ham.protect_inputs={p}"])
+       for p in (0.95, 0.98)},
     # issue 22 item 4: earlier classes' features drawn from Gaussian class statistics into each training batch
     # (the train head's finished rows frozen, or trained on the draws too: PASS), every earlier class or, with
     # route_head, the joined slot's
