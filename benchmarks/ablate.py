@@ -58,6 +58,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "route_head_rank16": ("ham", ["--model.ham.rank=16"]),  # the config with twice each task adapter's rank
     # each task adapter's A from its own inputs' principal directions off the protected subspace (InfLoRA / EVA)
     "inputs_init": ("ham", ["--model.ham.adapter_init=inputs"]),
+    "merge_sum_inputs_init": ("merge_sum", ["--model.ham.adapter_init=inputs"]),  # the config's protection (0.9)
     **{f"inputs_init_protect_{p}": ("ham", ["--model.ham.adapter_init=inputs", f"--model.ham.protect_inputs={p}"])
        for p in (0.95, 0.98)},
     # issue 22 item 4: earlier classes' features drawn from Gaussian class statistics into each training batch
