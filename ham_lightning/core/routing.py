@@ -18,9 +18,9 @@ Pure PyTorch; the statistics are float64 buffers in the model's ``state_dict`` a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -207,23 +207,21 @@ class PrefixRouter(nn.Module):
             return Routes.of(torch.full((x.shape[0],), int(self.planned), dtype=torch.long, device=x.device))
         return Routes.of(self.route(pooled))
 
-    @contextmanager
-    def planned_routes(self) -> Iterator[None]:
-        """Inside: every input goes to the planned slot, as in training, whatever the module's mode."""
-        previous, self.mode = self.mode, "planned"
+    @contextlib.contextmanager
+    def _in_mode(self, mode: str) -> Iterator[None]:
+        previous, self.mode = self.mode, mode
         try:
             yield
         finally:
             self.mode = previous
 
-    @contextmanager
-    def observing(self) -> Iterator[None]:
+    def planned_routes(self) -> contextlib.AbstractContextManager[None]:
+        """Inside: every input goes to the planned slot, as in training, whatever the module's mode."""
+        return self._in_mode("planned")
+
+    def observing(self) -> contextlib.AbstractContextManager[None]:
         """Inside: forwards only record the current task's pooled inputs (`run_observed` swallows the stop)."""
-        previous, self.mode = self.mode, "observe"
-        try:
-            yield
-        finally:
-            self.mode = previous
+        return self._in_mode("observe")
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, max_groups={self.max_groups}"
