@@ -1,5 +1,7 @@
 """`ham_lightning.core.distributed` on two gloo processes: the sums every rank ends with, and the guard that the
-ranks walk the same batches (`check_same`), which must raise on the rank that disagrees and on the others."""
+ranks walk the same batches (`check_same`), which must raise on the rank that disagrees and on the others.
+(Named apart from tests/lightning/test_distributed.py, the whole sequences under DDP: test modules need unique
+basenames here.)"""
 
 from __future__ import annotations
 
