@@ -66,7 +66,12 @@ def test_principal_rows_read_the_new_inputs_off_the_protected_subspace():
     projector = old @ old.T
     rows = principal_rows(moment, 3, projector).double()
     assert rows.shape == (3, 16)
-    torch.testing.assert_close(rows.norm(dim=1), torch.full((3,), 3 ** -0.5, dtype=torch.float64))
+    keep = torch.eye(16, dtype=torch.float64) - projector
+    residual = keep @ moment @ keep
+    # each row passes the energy a Kaiming-uniform row passes on average (these rows are on strong directions)
+    energy = ((rows @ residual) * rows).sum(1)
+    torch.testing.assert_close(energy, torch.full((3,), float(torch.trace(residual)) / 16 / 3, dtype=torch.float64))
+    assert (rows.norm(dim=1) < 3 ** -0.5).all()
     assert (rows @ old).abs().max() < 1e-5  # nothing on the protected directions
     captured = (rows @ new_dirs).norm() ** 2 / rows.norm() ** 2
     assert captured > 0.999  # all of it on the new task's own directions
