@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 #: One slot, no learned scalars, no routing: the baselines train on top of their one merged delta, as published
-#: (kept off the input subspace of every earlier task: without routing that is the only safe scope).
+#: (kept off the input subspace of every earlier task: without routing that is the only safe scope), each adapter
+#: from LoRA's seeded random init (``adapter_init: inputs`` is HAM's, like a head per group).
 _BASELINE = ["--model.ham.max_groups=1", "--model.ham.train_importance=false",
              "--model.ham.train_group_scalars=false", "--model.ham.routing=false",
-             "--model.ham.similarity_source=weights", "--model.ham.protect_scope=all", "--model.route_head=false"]
+             "--model.ham.similarity_source=weights", "--model.ham.protect_scope=all", "--model.route_head=false",
+             "--model.ham.adapter_init=shared"]
 #: CLI overrides that turn the shared config into each method (HAM runs the config unchanged). ``ncm`` and
 #: ``ridge`` are the training-free anchors: the frozen backbone (no adapters) under a statistics head, one pass.
 METHOD_ARGS: dict[str, list[str]] = {
@@ -40,7 +42,7 @@ METHOD_ARGS: dict[str, list[str]] = {
     # The paper's HAM: groups by the deltas' cosine, every group's delta on every input (configs that route)
     "ham_paper": ["--model.ham.routing=false", "--model.ham.similarity_source=weights",
                   "--model.ham.similarity_threshold=null", "--model.ham.protect_scope=all",
-                  "--model.route_head=false"],
+                  "--model.route_head=false", "--model.ham.adapter_init=shared"],
     **{m: [f"--model.ham.method={m}", *_BASELINE]
        for m in ("seq_lora", "merge_sum", "merge_average", "merge_ties", "first_session")},
     "ncm": ["--model.adapt=false", "--model.head=ncm", "--data.epochs_per_task=1"],
