@@ -1,6 +1,7 @@
 """Runs a 2-task sequence on the toy scenario under DDP on CPU processes (gloo) and saves each rank's state.
 
-``python ddp_sequence.py OUT [--head H] [--adapt 0|1] [--protect P] [--routing 0|1] [--route_head 0|1]``: Lightning's own launcher
+``python ddp_sequence.py OUT [--head H] [--adapt 0|1] [--protect P] [--routing 0|1] [--route_head 0|1]
+[--adapter_init I]``: Lightning's own launcher
 starts the second process (as ``--trainer.devices 2`` does). With ``RANK`` / ``WORLD_SIZE`` in the environment
 the processes were started outside (as torchrun or SLURM do) and Lightning launches nothing. Each rank writes
 ``OUT/<tag><head>_rank<r>.pt``: the callback's rows, the last accuracy and the model's whole state. `run` with
@@ -34,11 +35,12 @@ class BlockBackbone(nn.Module):
 
 
 def run(head: str = "linear", adapt: bool = True, protect: float = 0.0, routing: bool = False,
-        devices: int = 2, batch_size: int = 16, route_head: bool = False) -> dict[str, Any]:
+        devices: int = 2, batch_size: int = 16, route_head: bool = False,
+        adapter_init: str = "shared") -> dict[str, Any]:
     """One 2-task fit (``batch_size`` per process); returns this rank's ``{"rank", "tasks", "rows", "last", "state"}``."""
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
-    ham: dict[str, Any] = {"protect_inputs": protect}
+    ham: dict[str, Any] = {"protect_inputs": protect, "adapter_init": adapter_init}
     if routing:
         ham.update(routing=True, similarity_source="data", similarity_threshold=0.01, adapt_from="blocks.0")
     config = hl.HAMConfig(target_modules=["fc1", "fc2"], rank=4, max_groups=2, group_rank=8, **ham)
@@ -64,8 +66,10 @@ if __name__ == "__main__":
     parser.add_argument("--protect", type=float, default=0.0)
     parser.add_argument("--routing", type=int, default=0)
     parser.add_argument("--route_head", type=int, default=0)
+    parser.add_argument("--adapter_init", default="shared")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     for head in args.head.split(","):  # several fits in one process: only when launched from outside
-        result = run(head, bool(args.adapt), args.protect, bool(args.routing), route_head=bool(args.route_head))
+        result = run(head, bool(args.adapt), args.protect, bool(args.routing), route_head=bool(args.route_head),
+                     adapter_init=args.adapter_init)
         torch.save(result, args.out / f"{args.tag}{head}_rank{result['rank']}.pt")

@@ -109,13 +109,16 @@ def test_ham_with_protection_routing_and_ridge_head_under_ddp(tmp_path: Path) ->
     assert ranks[0]["last"] == pytest.approx(single["last"], abs=5.0)
 
 
-def test_a_head_per_group_under_ddp(tmp_path: Path) -> None:
+def test_a_head_per_group_and_adapters_from_inputs_under_ddp(tmp_path: Path) -> None:
     """``route_head``: every rank tells its group heads the task's slot and feeds them whole batches, so the ranks
-    end identical and each group's head counts its tasks' samples once, as one process does."""
-    _launch(tmp_path, "--head", "ridge", "--protect", "0.9", "--routing", "1", "--route_head", "1")
+    end identical and each group's head counts its tasks' samples once, as one process does. With
+    ``adapter_init="inputs"`` (the mixed-domain config's settings) each rank passes its share of the task's inputs
+    and the moments are summed: an ``A`` computed from one rank's share alone would differ between the ranks."""
+    _launch(tmp_path, "--head", "ridge", "--protect", "0.9", "--routing", "1", "--route_head", "1",
+            "--adapter_init", "inputs")
     ranks = _ranks(tmp_path, "ridge")
     _assert_ranks_identical(ranks)
-    single = run("ridge", adapt=True, protect=0.9, routing=True, devices=1, route_head=True)
+    single = run("ridge", adapt=True, protect=0.9, routing=True, devices=1, route_head=True, adapter_init="inputs")
     state, reference = ranks[0]["state"], single["state"]
     keys = [k for k in reference if k.startswith("head.heads.") and k.endswith((".count", ".batches"))]
     assert keys and torch.equal(state["head.class_slot"], reference["head.class_slot"])
