@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from ham_lightning.core import algebra
+from ham_lightning.core.adapter_init import init_from_inputs
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.distributed import summed
 from ham_lightning.core.layer import HAMLayer
 from ham_lightning.core.merge_rules import HierarchicalMerge, MergeDecision, MergeRule, create_merge_rule
 from ham_lightning.core.norm import freeze_norm_layers
 from ham_lightning.core.routing import PrefixRouter, Routes, input_dim, run_observed
-from ham_lightning.core.subspace import InputSubspace, input_moments, principal_rows
+from ham_lightning.core.subspace import InputSubspace
 from ham_lightning.core.targets import find_targets
 
 #: Name of the controller's state module (history and merge rule), a child of the first HAM layer.
@@ -243,30 +244,15 @@ class HAMController:
         """Whether the active adapter has not trained yet (``B = 0`` in every layer: its delta is still zero)."""
         return all(not bool(layer.lora_B.any()) for layer in self.layers.values())
 
-    @torch.no_grad()
     def init_adapter_from_inputs(self, batches: Iterable[Any], forward: Callable[[Any], Any]) -> None:
-        """``adapter_init="inputs"``: each layer's ``A`` becomes the top principal directions of the current task's
-        inputs to that layer (``forward(x)`` of each batch, routed to the planned slot as in training), off the
-        protected subspace of the slot the task will join (InfLoRA's ``A``; PEFT's EVA init without protection).
-        A random ``A`` kept off a protected subspace holding 90% of a domain's input energy mostly reads directions
-        this task's inputs hardly use either. Under DDP each rank passes its share; the moments are summed."""
-        moments = {name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64,
-                                     device=layer.lora_A.device) for name, layer in self.layers.items()}
+        """``adapter_init="inputs"``: each layer's ``A`` from the current task's inputs to it (``forward(x)`` of
+        each batch, routed to the planned slot as in training), off the protected subspace of the slot the task
+        will join (`ham_lightning.core.adapter_init`). Under DDP each rank passes its share."""
+        if self.subspace is not None and self.subspace.slots > 1:
+            assert self.router is not None
+            self.subspace.slot = max(int(self.router.planned), 0)
         routes = self.router.planned_routes() if self.router is not None else contextlib.nullcontext()
-        with routes, input_moments(self.layers, moments), summed(list(moments.values())):
-            for x in batches:
-                forward(x)
-        ranks: dict[str, int] = {}
-        if self.subspace is not None and self.subspace.energy > 0:
-            if self.subspace.slots > 1:
-                assert self.router is not None
-                self.subspace.slot = max(int(self.router.planned), 0)
-            ranks = self.subspace.ranks()
-        for name, layer in self.layers.items():
-            if not moments[name].any():
-                continue  # no input reached this layer: keep the seeded draw
-            projector = self.subspace.projector(name) if ranks.get(name, 0) > 0 else None  # type: ignore[union-attr]
-            layer.lora_A.copy_(principal_rows(moments[name], layer.rank, projector).to(layer.lora_A))
+        init_from_inputs(self.layers, batches, forward, routes, self.subspace)
 
     def _slot_of_last_task(self) -> None:
         assert self.subspace is not None

@@ -48,28 +48,6 @@ def input_moments(layers: dict[str, HAMLayer], moments: dict[str, Tensor]) -> It
             h.remove()
 
 
-def principal_rows(moment: Tensor, rank: int, projector: Tensor | None = None) -> Tensor:
-    """``rank`` rows along the top principal directions of an input moment, off ``projector``'s subspace
-    (``(I - P) M (I - P)``): where a task's inputs have energy and the protected inputs have little (InfLoRA's
-    choice of ``A``; PEFT's EVA init without protection). Each row is scaled so that the inputs' energy through it
-    is what a Kaiming-uniform row's would be on average (``tr(M') / (3 in)``), at most a Kaiming row's norm
-    (``1/sqrt(3)``): the rows choose where the adapter acts, not how fast it moves (rows of a Kaiming row's norm
-    along the top directions acted like a larger learning rate: docs/results.md). Each row's sign is fixed by its
-    largest entry, so the result does not depend on the eigensolver."""
-    m = moment.double()
-    if projector is not None:
-        keep = torch.eye(m.shape[0], dtype=m.dtype, device=m.device) - projector.double()
-        m = keep @ m @ keep
-    m = (m + m.T) / 2
-    _, vecs = torch.linalg.eigh(m)  # ascending
-    rows = vecs[:, -rank:].flip(1).T.contiguous()
-    signs = torch.sign(rows.gather(1, rows.abs().argmax(1, keepdim=True)))
-    energy = ((rows @ m) * rows).sum(1)
-    target = torch.trace(m) / m.shape[0]
-    scale = (target / energy.clamp_min(1e-300)).sqrt().clamp(max=1.0)
-    return (rows * signs * scale[:, None] / 3 ** 0.5).float()
-
-
 class InputSubspace(nn.Module):
     """Per-layer principal input subspace of the tasks seen so far, and the projection of new adapters off it.
 
