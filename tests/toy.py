@@ -27,6 +27,17 @@ class MLPBackbone(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class One(nn.Module):
+    """A model of one adaptable layer ``0`` (for the core's layer-level tests)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.add_module("0", layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.get_submodule("0")(x)
+
+
 class PassSampler(Sampler[int]):
     """One permutation per pass, drawn when the pass starts (``RandomSampler`` draws an extra one at exhaustion,
     so its stream depends on whether the last pass ran to the end)."""

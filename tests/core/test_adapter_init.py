@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from toy import One
 
 from ham_lightning import HAMConfig, inject
 from ham_lightning.core.adapter_init import principal_rows
-
-
-class One(nn.Module):
-    """A model of one adaptable layer ``0``."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.add_module("0", layer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.get_submodule("0")(x)
 
 
 def test_principal_rows_read_the_new_inputs_off_the_protected_subspace():
