@@ -61,9 +61,9 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     # groups inside one domain: a slot opened while a task's data similarity to every slot is under 0.5 (two tasks of
     # one domain measured 0.25-0.62, median 0.38), so one domain's tasks spread over the slots; each new adapter
     # off its own slot only
-    "split_domain": ("ham", ["--model.ham.similarity_threshold=0.5", "--model.ham.protect_scope=group"]),
-    "split_domain_route_head": ("ham", ["--model.ham.similarity_threshold=0.5", "--model.ham.protect_scope=group",
-                                        "--model.route_head=true"]),
+    "split_domain": ("ham", [*_ROUTED, "--model.ham.similarity_threshold=0.5", "--model.ham.protect_scope=group"]),
+    "split_domain_route_head": ("ham", [*_ROUTED, "--model.ham.similarity_threshold=0.5",
+                                        "--model.ham.protect_scope=group", "--model.route_head=true"]),
     "merge_sum_inputs_init": ("merge_sum", ["--model.ham.adapter_init=inputs"]),  # the config's protection (0.9)
     **{f"inputs_init_protect_{p}": ("ham", ["--model.ham.adapter_init=inputs", f"--model.ham.protect_inputs={p}"])
        for p in (0.95, 0.98)},
