@@ -65,6 +65,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "split_domain_route_head": ("ham", [*_ROUTED, "--model.ham.similarity_threshold=0.5",
                                         "--model.ham.protect_scope=group", "--model.route_head=true"]),
     "merge_sum_inputs_init": ("merge_sum", ["--model.ham.adapter_init=inputs"]),  # the config's protection (0.9)
+    "inputs_init_protect_0.95_config": ("ham", ["--model.ham.protect_inputs=0.95"]),  # the mixed config (inputs) at 0.95
     **{f"inputs_init_protect_{p}": ("ham", ["--model.ham.adapter_init=inputs", f"--model.ham.protect_inputs={p}"])
        for p in (0.95, 0.98)},
     # issue 22 item 4: earlier classes' features drawn from Gaussian class statistics into each training batch
