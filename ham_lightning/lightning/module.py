@@ -198,12 +198,12 @@ class HAMModule(LightningModule, TaskAware):
             self.class_statistics(features)  # the statistics pass's hook reads the features here
         return logits
 
-    def _slots(self, features: Tensor) -> Routes | Tensor:
+    def _slots(self, features: Tensor) -> Routes:
         """The routes of the forward just run (set by the routing hook; grouped by slot once, for the layers and
         the head alike), or no slot for any input when nothing routed."""
         routes = self.ham.last_routes  # type: ignore[union-attr]
         if routes is None:
-            return torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
+            return Routes(torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device), ())
         return routes
 
     def probabilities(self, logits: Tensor) -> Tensor:

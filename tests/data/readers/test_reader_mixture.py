@@ -3,6 +3,7 @@ scenario (each task from one source, proportional shares, recorded domains, bloc
 
 from __future__ import annotations
 
+import os
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -157,8 +158,6 @@ def test_mixture_refuses_what_it_cannot_do(tmp_path: Path, layouts) -> None:
 
 def test_a_zips_cache_identity_is_its_bytes_not_its_time(tmp_path: Path, layouts) -> None:
     """A re-provisioned data folder (same bytes, new modification time) hits the same caches; new bytes do not."""
-    import os
-
     folder = _presplit(tmp_path / "tree", layouts, ["cat", "dog"])
     archive = _zip_tree(folder, tmp_path / "tree.zip")
     stamp = build_reader("image_folder", archive).load("train").cache_stamp
