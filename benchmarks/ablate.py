@@ -76,6 +76,11 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "pseudo_16_open": ("ham", ["--model.pseudo_features=16", "--model.freeze_old_rows=false"]),
     "route_head_pseudo_64_open": ("ham", ["--model.route_head=true", "--model.pseudo_features=64",
                                           "--model.freeze_old_rows=false"]),
+    # the optimizer's weight decay: L2 added to the gradient (Adam's coupled decay; the CPU configs state 0.01), or
+    # decoupled (AdamW)
+    "adamw_0.05": ("ham", ["--model.optimizer=torch.optim.AdamW", "--model.optimizer.lr=0.001",
+                           "--model.optimizer.weight_decay=0.05"]),
+    **{f"adam_wd{w}": ("ham", [f"--model.optimizer.weight_decay={w}"]) for w in ("0", "0.03", "0.1")},
     "routing_protect_off": ("ham", [*_ROUTED, "--model.ham.protect_inputs=0"]),
     "max_groups_1": ("ham", ["--model.ham.max_groups=1"]),
     "max_groups_2": ("ham", ["--model.ham.max_groups=2"]),

@@ -100,3 +100,11 @@ def test_shipped_config_runs_a_training_step_on_its_layout(config: Path, tmp_pat
         shipped["model"]["backbone"]).input_size[-1]
     assert run.datamodule.data_config.image_size == expected
     assert run.model.hparams.head == shipped["model"].get("head", "linear")
+    # The optimizer runs as the config reads: a config naming an optimizer class states its weight decay, since
+    # jsonargparse would otherwise keep the module default AdamW's 0.01 (Adam would add it to the gradient).
+    optimizer = shipped["model"].get("optimizer")
+    if optimizer is not None:
+        assert "weight_decay" in optimizer.get("init_args", {}), f"{config.name}: state optimizer weight_decay"
+        built = run.trainer.optimizers[0]
+        assert type(built).__name__ == optimizer["class_path"].rsplit(".", 1)[-1]
+        assert built.param_groups[0]["weight_decay"] == optimizer["init_args"]["weight_decay"]
