@@ -76,7 +76,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "pseudo_16_open": ("ham", ["--model.pseudo_features=16", "--model.freeze_old_rows=false"]),
     "route_head_pseudo_64_open": ("ham", ["--model.route_head=true", "--model.pseudo_features=64",
                                           "--model.freeze_old_rows=false"]),
-    # the optimizer's weight decay: L2 added to the gradient (Adam's coupled decay; the CPU configs state 0.01), or
+    # the optimizer's weight decay: L2 added to the gradient (Adam's coupled decay; the Adam configs state 0.01), or
     # decoupled (AdamW)
     "adamw_0.05": ("ham", ["--model.optimizer=torch.optim.AdamW", "--model.optimizer.lr=0.001",
                            "--model.optimizer.weight_decay=0.05"]),
