@@ -14,8 +14,9 @@ Files, under ``cache_dir`` (default `DEFAULT_CACHE_DIR`):
 The key holds everything that changes the content: data set, split and the identity of its files (a zip's
 sha256, or a folder's paths, sizes and modification times; file names, labels), the transform (resolution,
 normalisation, augmentation), backbone and weight tag, prefix point, number of views and view seed, storage
-dtype, the timm and torchvision versions and `CACHE_FORMAT_VERSION`; ``<digest>`` is its hash. The class order is not part of it: rows are stored in the
-reader's order and labels are applied by the datamodule, so every class order reuses one cache.
+dtype, the timm and torchvision versions and `CACHE_FORMAT_VERSION`; ``<digest>`` is its hash. The class order
+is not part of it: rows are stored in the reader's order and labels are applied by the datamodule, so every class
+order reuses one cache.
 
 A cache whose manifest is missing or unreadable, whose key differs, whose file is truncated or has the wrong
 size, shape or dtype, or whose checksum does not match is never used: `FeatureCacheWarning` names the file and
