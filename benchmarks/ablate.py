@@ -56,6 +56,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "route_head_protect_0.8": ("ham", ["--model.ham.protect_inputs=0.8"]),  # the config (a head per group) at 0.8
     "route_head_prune_none": ("ham", ["--model.ham.prune=none"]),  # the config (a head per group), nothing pruned
     "route_head_rank16": ("ham", ["--model.ham.rank=16"]),  # the config with twice each task adapter's rank
+    "config_rank4": ("ham", ["--model.ham.rank=4"]),  # the config (adapter_init: inputs) with half of it
     # each task adapter's A from its own inputs' principal directions off the protected subspace (InfLoRA / EVA)
     "inputs_init": ("ham", ["--model.ham.adapter_init=inputs"]),
     # groups inside one domain: a slot opened while a task's data similarity to every slot is under 0.5 (two tasks of
