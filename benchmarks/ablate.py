@@ -57,6 +57,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "route_head_prune_none": ("ham", ["--model.ham.prune=none"]),  # the config (a head per group), nothing pruned
     "route_head_rank16": ("ham", ["--model.ham.rank=16"]),  # the config with twice each task adapter's rank
     "config_rank4": ("ham", ["--model.ham.rank=4"]),  # the config (adapter_init: inputs) with half of it
+    "config_no_conv_head": ("ham", ["--model.ham.target_modules=[conv_pw,conv_pwl]"]),  # conv_head left frozen
     # each task adapter's A from its own inputs' principal directions off the protected subspace (InfLoRA / EVA)
     "inputs_init": ("ham", ["--model.ham.adapter_init=inputs"]),
     # groups inside one domain: a slot opened while a task's data similarity to every slot is under 0.5 (two tasks of
