@@ -23,10 +23,10 @@ from ridge_lambda import capture
 from ham_lightning.core.heads import RidgeHead
 
 
-def fit(data: dict[str, Any], tasks: set[int]) -> RidgeHead:
-    """A fresh ridge head fed the recorded batches of ``tasks``, task by task."""
+def fit(data: dict[str, Any], tasks: set[int], **head_kwargs: Any) -> RidgeHead:
+    """A fresh ridge head (``head_kwargs`` to `RidgeHead`) fed the recorded batches of ``tasks``, task by task."""
     dim, num_classes = data["train"][0][0].shape[1], 1 + max(max(c) for c in data["classes"])
-    head, current = RidgeHead(dim, num_classes), None
+    head, current = RidgeHead(dim, num_classes, **head_kwargs), None
     for features, labels, task in data["train"]:
         if task not in tasks:
             continue

@@ -15,9 +15,8 @@ import json
 from pathlib import Path
 
 import torch
+from grouped_ridge import fit
 from ridge_lambda import capture
-
-from ham_lightning.core.heads import RidgeHead
 
 
 def main() -> None:
@@ -30,18 +29,9 @@ def main() -> None:
     args = parser.parse_args()
     data = capture(args.config, args.num_tasks, args.validation, f"ridge_projection_{Path(args.config).stem}")
     x, y = torch.cat([f for f, _ in data["eval"]]), torch.cat([t for _, t in data["eval"]])
-    dim, num_classes = data["train"][0][0].shape[1], 1 + max(max(c) for c in data["classes"])
     rows = {}
     for projection in args.projections:
-        head, current = RidgeHead(dim, num_classes, projection=projection), None
-        for features, labels, task in data["train"]:
-            if task != current:
-                if current is not None:
-                    head.fit()
-                current = task
-                head.start_task(data["classes"][task])
-            head.update(features, labels)
-        head.fit()
+        head = fit(data, set(range(len(data["classes"]))), projection=projection)
         accuracy = 100.0 * float((head.eval_logits(head(x)).argmax(1) == y).float().mean())
         rows[projection] = {"accuracy": accuracy, "lam": float(head.lam)}
     print(f"{len(y)} held-out images, frozen features, one head, {args.num_tasks} tasks\n"
