@@ -4,8 +4,9 @@ features: does normalising for the new domain help before any adapter trains?
 The configs keep every BatchNorm at its ImageNet running statistics (`ham_lightning.core.norm`). Per-group
 statistics would be a cheap group-level lever (folded into each group's copy of the top part, no inference cost), so
 its ceiling is measured first without adapters: one frozen-backbone fit of ``--config`` on held-out training images
-(`ridge_lambda.capture`), with the statistics of every BatchNorm below the cut left alone and those above it
-replaced, before the fit, by the mean and variance of their inputs over the training images of ``--tasks`` (each
+(`ridge_lambda.capture`), with the statistics of every BatchNorm below the cut left alone (the configs cache the
+prefix, so only the adapted part runs) and those above it (all, or the last only) replaced, before the fit, by the
+mean and variance of their inputs over the training images of every task or of the first only (``--modes``; each
 BatchNorm's input depends on the ones before it, so the pass is repeated ``--rounds`` times). The ridge head is the
 config's, fitted as in every run. Prints a table and writes JSON.
 
