@@ -40,13 +40,23 @@ def accuracy(model: Any, dm: Any, num_tasks: int) -> dict[str, Any]:
 
 def refit_head(model: Any, dm: Any, num_tasks: int) -> Any:
     """A fresh head like ``model.head`` fitted task by task on every task's training images under the final model."""
+    from ham_lightning.core.grouped_head import GroupedHead
     from ham_lightning.core.heads import create_head
     from ham_lightning.lightning.statistics import statistics_pass
 
     old = model.head
-    fresh = create_head(model.hparams.head, old.in_features, old.num_classes, mask=model.hparams.head_mask,
-                        freeze_old_rows=model.hparams.freeze_old_rows, scale=model.hparams.head_scale,
-                        **(model.hparams.head_kwargs or {})).to(model.device)
+
+    def make_head() -> Any:
+        return create_head(model.hparams.head, old.in_features, old.num_classes, mask=model.hparams.head_mask,
+                           freeze_old_rows=model.hparams.freeze_old_rows, scale=model.hparams.head_scale,
+                           **(model.hparams.head_kwargs or {}))
+
+    if isinstance(old, GroupedHead):  # a head per group (route_head): the same slots, every class's known already
+        fresh = GroupedHead(old.in_features, old.num_classes, len(old.heads), make_head)
+        fresh.class_slot.copy_(old.class_slot)
+    else:
+        fresh = make_head()
+    fresh = fresh.to(model.device)
     model.head = fresh  # forward calls it: the statistics pass feeds it what the final model computes
     try:
         for task in range(num_tasks):
