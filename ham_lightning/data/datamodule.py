@@ -72,7 +72,9 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         validation_fraction: hold out this seeded fraction of every class's training images (seed ``split_seed``)
             and evaluate on it instead of the test split, which is then never read: for choosing
             hyper-parameters (docs/results.md, "Ablations").
-        limit_per_class_train, limit_per_class_test: keep only the first N images of every class (quick runs).
+        limit_per_class_train, limit_per_class_test: keep only N images of every class (quick runs, CPU budgets).
+        limit_mode: which N: ``"first"`` in reader order, or ``"spread"`` evenly over the class's images (GTSRB's
+            tracks: the first 100 of a class are as few as 4 signs; spread, every track; docs/data.md).
         cache_dir: where decoded in-memory data sets are cached as ``.npy`` (None: no disk cache).
         download: fetch the data set where a downloader exists (CIFAR-100) and the network allows.
         verify_images: at setup, open every image file's header so a corrupt file is named before training.
@@ -80,7 +82,7 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
             ``h`` the frozen prefix's activations read from an on-disk cache built once (docs/data.md); the
             transforms follow its backbone unless ``backbone`` is given.
         sources: with ``dataset="mixture"``, the data sets of a mixed-domain scenario, each a mapping
-            ``{dataset, root, classes?, name?, limit_per_class_train?, limit_per_class_test?}``: tasks never mix
+            ``{dataset, root, classes?, name?, limit_per_class_train?, limit_per_class_test?, limit_mode?}``: tasks never mix
             sources, each source gets a share of the tasks in proportion to its classes (docs/data.md).
         domain_order: ``"interleaved"`` (the sources' tasks shuffled by ``seed``) or ``"blocked"`` (source by
             source, in the order given).
@@ -115,6 +117,7 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         validation_fraction: float | None = None,
         limit_per_class_train: int | None = None,
         limit_per_class_test: int | None = None,
+        limit_mode: Literal["first", "spread"] = "first",
         cache_dir: str | None = None,
         download: bool = False,
         verify_images: bool = True,
@@ -148,7 +151,7 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
         self._reader = build_reader(dataset, root, ReadOptions(
             split_file=split_file, test_fraction=test_fraction, split_seed=split_seed,
             limit_per_class_train=limit_per_class_train, limit_per_class_test=limit_per_class_test,
-            download=download, verify_images=verify_images, sources=tuple(sources or ()),
+            limit_mode=limit_mode, download=download, verify_images=verify_images, sources=tuple(sources or ()),
             domain_order=domain_order, class_seed=int(seed),
         ))
         if sources and dataset != "mixture":

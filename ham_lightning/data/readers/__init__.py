@@ -10,7 +10,7 @@ import os
 
 from ham_lightning.core.registry import Registry
 
-from .base import DatasetReader, ReadOptions, SplitData, first_per_class, seeded_split
+from .base import DatasetReader, ReadOptions, SplitData, first_per_class, seeded_split, spread_per_class
 from .cifar100 import Cifar100Reader
 from .cub200 import Cub200Reader
 from .digits import DigitsReader
@@ -63,4 +63,5 @@ __all__ = [
     "register_reader",
     "first_per_class",
     "seeded_split",
+    "spread_per_class",
 ]

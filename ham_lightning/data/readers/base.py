@@ -26,6 +26,8 @@ from ..image_store import (
 )
 
 Split = Literal["train", "test"]
+#: How a per-class cap picks its images: the first N in reader order, or N spread evenly over the class.
+LimitMode = Literal["first", "spread"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class ReadOptions:
     split_seed: int = 0
     limit_per_class_train: int | None = None
     limit_per_class_test: int | None = None
+    limit_mode: LimitMode = "first"
     download: bool = False
     verify_images: bool = True
     #: The sources of a mixed-domain scenario (``dataset="mixture"``) and the order of their tasks.
@@ -44,6 +47,11 @@ class ReadOptions:
     domain_order: str = "interleaved"
     #: Seed of per-source class selections (the scenario's seed).
     class_seed: int = 1993
+
+    def __post_init__(self) -> None:
+        if self.limit_mode not in PER_CLASS_LIMITS:
+            raise ValueError(f"limit_mode must be one of {sorted(PER_CLASS_LIMITS)} (how limit_per_class_train/test "
+                             f"pick a class's images), got {self.limit_mode!r}.")
 
     def limit(self, split: Split) -> int | None:
         return self.limit_per_class_train if split == "train" else self.limit_per_class_test
@@ -174,8 +182,9 @@ class DatasetReader(ABC):
         return None
 
     def _select(self, split: Split, labels: np.ndarray) -> np.ndarray:
-        """Positions kept after the per-class cap of ``split`` (the first N of each class, in reader order)."""
-        return first_per_class(labels, self.options.limit(split))
+        """Positions kept after the per-class cap of ``split`` (``limit_mode``: the first N of each class in reader
+        order, or N spread over it), in reader order."""
+        return PER_CLASS_LIMITS[self.options.limit_mode](labels, self.options.limit(split))
 
 
 def first_per_class(labels: np.ndarray, limit: int | None) -> np.ndarray:
@@ -187,6 +196,25 @@ def first_per_class(labels: np.ndarray, limit: int | None) -> np.ndarray:
     for cls in np.unique(labels):
         keep[np.flatnonzero(labels == cls)[:limit]] = True
     return np.flatnonzero(keep)
+
+
+def spread_per_class(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    """Positions of ``limit`` samples of every class evenly spaced over its samples (first and last included), in
+    their original order (all if None). Where a class's files come in runs of near-duplicates (GTSRB's tracks of 30
+    frames of one sign), the first N are a few runs; spread, the same N cover all of them."""
+    labels = np.asarray(labels)
+    if limit is None:
+        return np.arange(len(labels))
+    keep = np.zeros(len(labels), dtype=bool)
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        keep[idx if len(idx) <= limit else idx[np.linspace(0, len(idx) - 1, limit).round().astype(int)]] = True
+    return np.flatnonzero(keep)
+
+
+#: The per-class caps by ``limit_mode``.
+PER_CLASS_LIMITS: dict[str, Callable[[np.ndarray, int | None], np.ndarray]] = {
+    "first": first_per_class, "spread": spread_per_class}
 
 
 def seeded_split(labels: np.ndarray, test_fraction: float, seed: int,

@@ -21,7 +21,7 @@ DomainOrder = Literal["interleaved", "blocked"]
 class Source:
     """One domain of a mixture: a registered ``dataset`` at ``root``; ``classes`` keeps the first N classes of
     the data set's seed order (``np.random.RandomState(seed).permutation``); ``name`` labels it in results
-    (default: the dataset name); per-class image caps override the scenario's."""
+    (default: the dataset name); per-class image caps (and ``limit_mode``) override the scenario's."""
 
     dataset: str
     root: str | None = None
@@ -29,6 +29,7 @@ class Source:
     name: str | None = None
     limit_per_class_train: int | None = None
     limit_per_class_test: int | None = None
+    limit_mode: str | None = None
 
     @classmethod
     def coerce(cls, value: Source | Mapping[str, Any]) -> Source:
@@ -81,7 +82,8 @@ class MixtureReader(DatasetReader):
         for source in sources:
             options = replace(self.options, sources=(),
                               limit_per_class_train=source.limit_per_class_train or self.options.limit_per_class_train,
-                              limit_per_class_test=source.limit_per_class_test or self.options.limit_per_class_test)
+                              limit_per_class_test=source.limit_per_class_test or self.options.limit_per_class_test,
+                              limit_mode=source.limit_mode or self.options.limit_mode)
             reader = build_reader(source.dataset, source.root, options)
             order = np.random.RandomState(self.options.class_seed).permutation(reader.num_classes)
             if source.classes is not None:

@@ -14,7 +14,7 @@ import pytest
 from ham_lightning.data import ClassIncrementalDataModule
 from ham_lightning.data.image_store import BadImagesError
 from ham_lightning.data.readers import build_reader
-from ham_lightning.data.readers.base import seeded_split
+from ham_lightning.data.readers.base import ReadOptions, first_per_class, seeded_split, spread_per_class
 from ham_lightning.data.readers.mixture import proportional_shares
 
 
@@ -87,6 +87,42 @@ def test_gtsrb_holds_out_whole_tracks(tmp_path: Path, layouts) -> None:
     assert not {track(n) for n in fit.names} & {track(n) for n in held.names}
     assert 10 <= len(held.labels) <= 26  # about 30% of 60 frames, in whole tracks of 5
     assert not data.hparams["hflip_resolved"]  # a mirrored sign is another sign
+
+
+def test_a_spread_cap_covers_every_track_where_the_first_n_cover_two(tmp_path: Path, layouts) -> None:
+    root = tmp_path / "gtsrb"
+    for label, cls in enumerate(["00", "01"]):
+        for track in range(6):
+            for frame in range(5):
+                layouts.write_image(root / "train" / cls / f"{track:05d}_{frame:05d}.png", label, frame)
+                layouts.write_image(root / "test" / cls / f"{track:05d}_{frame:05d}.png", label, frame)
+    tracks = lambda data: Counter((Path(n).parent.name, Path(n).stem.split("_")[0]) for n in data.names)  # noqa: E731
+    first = build_reader("gtsrb", root, ReadOptions(limit_per_class_train=6)).load("train")
+    spread = build_reader("gtsrb", root, ReadOptions(limit_per_class_train=6, limit_mode="spread")).load("train")
+    assert len(first.labels) == len(spread.labels) == 12
+    assert len(tracks(first)) == 4 and len(tracks(spread)) == 12  # 2 tracks of each class against all 6
+    assert spread.names == sorted(spread.names)  # reader order kept
+    with pytest.raises(ValueError, match="limit_mode must be one of \\['first', 'spread'\\]"):
+        ClassIncrementalDataModule("gtsrb", root=str(root), num_tasks=2, limit_mode="random")  # type: ignore[arg-type]
+
+
+def test_spread_per_class_spaces_evenly_and_keeps_small_classes_whole() -> None:
+    labels = np.array([0] * 10 + [1] * 3 + [0] * 5)  # class 0's 15 samples are not contiguous
+    kept = spread_per_class(labels, 4)
+    assert kept.tolist() == [0, 5, 9, 10, 11, 12, 17]  # class 0: its 1st, 6th, 10th, 15th (at 17); class 1 whole
+    assert kept.tolist() == sorted(kept.tolist())
+    assert spread_per_class(labels, None).tolist() == list(range(18))
+    assert first_per_class(labels, 4).tolist() == [0, 1, 2, 3, 10, 11, 12]
+
+
+def test_a_mixture_source_can_spread_its_own_cap(tmp_path: Path, layouts) -> None:
+    data = _mixture(tmp_path, layouts, num_tasks=5, limit_per_class_train=2)
+    spread = ClassIncrementalDataModule("mixture", image_size=8, num_tasks=5, limit_per_class_train=2, sources=[
+        {**s, "limit_mode": "spread"} if s["name"] == "A" else s for s in data.hparams["sources"]])
+    a, b = data._reader.load("train"), spread._reader.load("train")
+    from_a = lambda d: sorted(n for n in d.names if "/a/" in n)  # noqa: E731
+    assert len(from_a(a)) == len(from_a(b)) == 12 and from_a(a) != from_a(b)
+    assert sorted(n for n in a.names if "/a/" not in n) == sorted(n for n in b.names if "/a/" not in n)
 
 
 def test_grouped_split_keeps_groups_whole_and_is_seeded() -> None:
