@@ -26,11 +26,11 @@ ADAPTED_TRAIN_HEAD = "--adapted_train_head" in sys.argv
 adapted = HAMModule.features
 
 
-def features(self: HAMModule, x: Any) -> torch.Tensor:
-    f = adapted(self, x)
+def frozen_features(self: HAMModule, x: Any, like: torch.Tensor) -> torch.Tensor:
+    """The frozen backbone's features of ``x`` (its top part on cached prefix activations), as ``like``'s dtype."""
     frozen = self.__dict__.get("_frozen_split")
     if frozen is None:
-        backbone = create_backbone(self.hparams.backbone, pretrained=self.hparams.pretrained).to(f.device).eval()
+        backbone = create_backbone(self.hparams.backbone, pretrained=self.hparams.pretrained).to(like.device).eval()
         for p in backbone.parameters():
             p.requires_grad_(False)
         freeze_norm_layers(backbone)
@@ -38,9 +38,15 @@ def features(self: HAMModule, x: Any) -> torch.Tensor:
         self.__dict__["_frozen_split"], self.__dict__["_frozen_backbone"] = frozen, backbone
     with torch.no_grad():
         g = frozen.top(x["prefix"]) if isinstance(x, Mapping) else self.__dict__["_frozen_backbone"](x)
+    return g.to(like)
+
+
+def features(self: HAMModule, x: Any) -> torch.Tensor:
+    f = adapted(self, x)
+    g = frozen_features(self, x, f)
     if ADAPTED_TRAIN_HEAD and self.training:
         g = torch.zeros_like(g)
-    return torch.cat([f, g.to(f)], 1)
+    return torch.cat([f, g], 1)
 
 
 if __name__ == "__main__":

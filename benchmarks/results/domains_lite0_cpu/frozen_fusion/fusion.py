@@ -15,16 +15,15 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ham_lightning.core.backbones import create_backbone
-from ham_lightning.core.norm import freeze_norm_layers
-from ham_lightning.core.prefix import split_model
 from ham_lightning.lightning.module import HAMModule
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "frozen_concat"))
+from concat import frozen_features  # noqa: E402  (the frozen backbone's features, built once per model)
 
 W = float(os.environ.get("FUSION_W", "0.3"))
 MODE = os.environ.get("FUSION_MODE", "prob")
@@ -34,20 +33,6 @@ init, adapted_features = HAMModule.__init__, HAMModule.features
 def __init__(self: HAMModule, *args: Any, **kwargs: Any) -> None:
     init(self, *args, **kwargs)
     self.frozen_head = copy.deepcopy(self.head)  # driven by the sequence like every top-level head
-
-
-def frozen_features(self: HAMModule, x: Any, like: torch.Tensor) -> torch.Tensor:
-    frozen = self.__dict__.get("_frozen_split")
-    if frozen is None:
-        backbone = create_backbone(self.hparams.backbone, pretrained=self.hparams.pretrained).to(like.device).eval()
-        for p in backbone.parameters():
-            p.requires_grad_(False)
-        freeze_norm_layers(backbone)
-        frozen = split_model(backbone, self.ham_config.adapt_from)
-        self.__dict__["_frozen_split"], self.__dict__["_frozen_backbone"] = frozen, backbone
-    with torch.no_grad():
-        g = frozen.top(x["prefix"]) if isinstance(x, Mapping) else self.__dict__["_frozen_backbone"](x)
-    return g.to(like)
 
 
 def forward(self: HAMModule, x: Any) -> torch.Tensor:
