@@ -82,8 +82,9 @@ class ClassIncrementalDataModule(pl.LightningDataModule):
             ``h`` the frozen prefix's activations read from an on-disk cache built once (docs/data.md); the
             transforms follow its backbone unless ``backbone`` is given.
         sources: with ``dataset="mixture"``, the data sets of a mixed-domain scenario, each a mapping
-            ``{dataset, root, classes?, name?, limit_per_class_train?, limit_per_class_test?, limit_mode?}``: tasks never mix
-            sources, each source gets a share of the tasks in proportion to its classes (docs/data.md).
+            ``{dataset, root, classes?, name?, limit_per_class_train?, limit_per_class_test?, limit_mode?}``:
+            tasks never mix sources, each source gets a share of the tasks in proportion to its classes
+            (docs/data.md).
         domain_order: ``"interleaved"`` (the sources' tasks shuffled by ``seed``) or ``"blocked"`` (source by
             source, in the order given).
     """
