@@ -187,29 +187,29 @@ class DatasetReader(ABC):
         return PER_CLASS_LIMITS[self.options.limit_mode](labels, self.options.limit(split))
 
 
-def first_per_class(labels: np.ndarray, limit: int | None) -> np.ndarray:
-    """Positions of the first ``limit`` samples of every class, in their original order (all if None)."""
+def _per_class(labels: np.ndarray, limit: int | None,
+               take: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
+    """Positions kept by ``take(class_positions, limit)`` for every class, in their original order (all if None)."""
     labels = np.asarray(labels)
     if limit is None:
         return np.arange(len(labels))
     keep = np.zeros(len(labels), dtype=bool)
     for cls in np.unique(labels):
-        keep[np.flatnonzero(labels == cls)[:limit]] = True
+        keep[take(np.flatnonzero(labels == cls), limit)] = True
     return np.flatnonzero(keep)
+
+
+def first_per_class(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    """Positions of the first ``limit`` samples of every class, in their original order (all if None)."""
+    return _per_class(labels, limit, lambda idx, n: idx[:n])
 
 
 def spread_per_class(labels: np.ndarray, limit: int | None) -> np.ndarray:
     """Positions of ``limit`` samples of every class evenly spaced over its samples (first and last included), in
     their original order (all if None). Where a class's files come in runs of near-duplicates (GTSRB's tracks of 30
     frames of one sign), the first N are a few runs; spread, the same N cover all of them."""
-    labels = np.asarray(labels)
-    if limit is None:
-        return np.arange(len(labels))
-    keep = np.zeros(len(labels), dtype=bool)
-    for cls in np.unique(labels):
-        idx = np.flatnonzero(labels == cls)
-        keep[idx if len(idx) <= limit else idx[np.linspace(0, len(idx) - 1, limit).round().astype(int)]] = True
-    return np.flatnonzero(keep)
+    return _per_class(labels, limit, lambda idx, n: idx if len(idx) <= n
+                      else idx[np.linspace(0, len(idx) - 1, n).round().astype(int)])
 
 
 #: The per-class caps by ``limit_mode``.

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..image_store import ConcatImageStore, ImageStore, SubsetImageStore
 from ..task_split import even_sizes
-from .base import DatasetReader, Split, SplitData, TaskPlan
+from .base import DatasetReader, LimitMode, Split, SplitData, TaskPlan
 
 DomainOrder = Literal["interleaved", "blocked"]
 
@@ -29,7 +29,7 @@ class Source:
     name: str | None = None
     limit_per_class_train: int | None = None
     limit_per_class_test: int | None = None
-    limit_mode: str | None = None
+    limit_mode: LimitMode | None = None
 
     @classmethod
     def coerce(cls, value: Source | Mapping[str, Any]) -> Source:
