@@ -44,7 +44,8 @@ def wandb_offline_run(run_dir: Path) -> tuple[dict, dict]:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if pos + 7 + length > len(data):  # a tail W&B's service is still writing (seen under load): not a record yet
+        # A tail W&B's service is still writing is not a record yet (the likely cause of one CI failure under load).
+        if pos + 7 + length > len(data):
             break
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         if kind == 1:
