@@ -106,6 +106,12 @@ class HAMConfig:
                           "earlier tasks' layer-input energy (GPM/InfLoRA-style; less drift of old features). "
                           "0 disables."},
     )
+    protect_ramp: list[float] | None = field(
+        default=None,
+        metadata={"help": "Energies for the first tasks of a slot (protect_scope 'group') or of the model ('all'): "
+                          "after the k-th task the subspace holds protect_ramp[k-1] of the energy, protect_inputs "
+                          "after the last (GPM's growing threshold: the first tasks have little to protect)."},
+    )
     protect_scope: ProtectScope = field(
         default="all",
         metadata={"help": "Whose input subspaces a new adapter is kept off: 'all' (every earlier task's: needed when "
@@ -149,6 +155,12 @@ class HAMConfig:
             errors.append(f"adapter_init must be 'shared', 'per_task' or 'inputs', got {self.adapter_init!r}")
         if not 0.0 <= self.protect_inputs < 1.0:
             errors.append(f"protect_inputs is an energy fraction in [0, 1), got {self.protect_inputs}")
+        if self.protect_ramp is not None:
+            if self.protect_inputs == 0.0:
+                errors.append("protect_ramp sets the first tasks' protection, which protect_inputs=0 disables: set "
+                              "protect_inputs (the energy after the ramp) or drop protect_ramp")
+            if not all(0.0 < e < 1.0 for e in self.protect_ramp):
+                errors.append(f"protect_ramp holds energy fractions in (0, 1), got {self.protect_ramp}")
         if self.protect_scope not in ("all", "group"):
             errors.append(f"protect_scope must be 'all' or 'group', got {self.protect_scope!r}")
         if self.protect_scope == "group" and not (self.routing and self.similarity_source == "data"):

@@ -271,7 +271,17 @@ class HAMController:
         """The subspaces from the moments collected so far (after the pass over a finished task's data)."""
         if self.subspace is not None:
             self._slot_of_last_task()
-            self.subspace.update()
+            self.subspace.update(self.protection_energy())
+
+    def protection_energy(self) -> float:
+        """The energy the subspace of the last task's slot (scope ``group``) or of the model (``all``) keeps now:
+        ``protect_ramp[k-1]`` after its k-th task, ``protect_inputs`` after the ramp."""
+        ramp = self.config.protect_ramp or []
+        if self.subspace is not None and self.subspace.slots > 1 and self.history:
+            k = sum(1 for record in self.history if record.group == self.history[-1].group)
+        else:
+            k = len(self.history)
+        return ramp[k - 1] if 1 <= k <= len(ramp) else self.config.protect_inputs
 
     # -- fold / unfold ------------------------------------------------------------------------------------------
     @torch.no_grad()

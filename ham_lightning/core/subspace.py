@@ -99,17 +99,18 @@ class InputSubspace(nn.Module):
             yield
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Projectors onto the smallest set of principal directions holding ``energy`` of each layer's moment
-        (of `slot`)."""
+    def update(self, energy: float | None = None) -> None:
+        """Projectors onto the smallest set of principal directions holding ``energy`` (default: the
+        subspace's) of each layer's moment (of `slot`)."""
+        energy = self.energy if energy is None else energy
         for i, name in enumerate(self._layers):
             moment = self.moment(name)
-            if self.energy == 0.0 or not moment.any():
+            if energy == 0.0 or not moment.any():
                 continue
             eigvals, eigvecs = torch.linalg.eigh(moment)  # ascending
             eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)
             cumulative = eigvals.cumsum(0) / eigvals.sum()
-            k = int((cumulative < self.energy).sum()) + 1
+            k = int((cumulative < energy).sum()) + 1
             U = eigvecs[:, :k]
             self.projector(name).copy_((U @ U.T).to(self.projector(name).dtype))
             self._ranks()[i] = k

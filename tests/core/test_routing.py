@@ -108,6 +108,38 @@ def test_training_runs_on_top_of_the_planned_group() -> None:
         ham.fold()
 
 
+def test_protect_ramp_sets_a_slots_first_energies_then_protect_inputs() -> None:
+    """``protect_ramp``: after a slot's k-th task its subspace keeps ``protect_ramp[k-1]`` of the energy (counted
+    per slot with scope ``group``), ``protect_inputs`` after the ramp."""
+    config = HAMConfig(target_modules=["fc1", "fc2"], adapt_from="blocks.0", routing=True,
+                       similarity_source="data", similarity_threshold=0.01, max_groups=4, protect_inputs=0.99,
+                       protect_ramp=[0.5], protect_scope="group")
+    net = model()
+    ham = inject(net, config)
+    space = ham.subspace
+    assert space is not None
+    energies, ranks = [], []
+    for t, name in enumerate(["A", "B", "A"]):
+        data = domain(name, seed=t)
+        ham.reset_adapter(t)
+        ham.observe_task([data[:32], data[32:]], net)
+        ham.end_task()
+        with ham.collecting_inputs(), torch.no_grad():
+            net(data)
+        ham.update_protection()
+        energies.append(ham.protection_energy())
+        ranks.append(space.ranks()["blocks.0.fc1"])
+    assert [d.group for d in ham.history] == [0, 1, 0]
+    assert energies == [0.5, 0.5, 0.99]  # the first task of slot 0, of slot 1, then slot 0's second
+    space.slot = 1
+    space.update(0.99)
+    assert ranks[1] < space.ranks()["blocks.0.fc1"]  # the ramp's 0.5 kept fewer directions of the same moment
+    with pytest.raises(ValueError, match="protect_ramp holds energy fractions"):
+        HAMConfig(target_modules=["fc1"], protect_inputs=0.9, protect_ramp=[0.8, 1.0])
+    with pytest.raises(ValueError, match="protect_inputs=0 disables"):
+        HAMConfig(target_modules=["fc1"], protect_ramp=[0.8])
+
+
 def test_routing_needs_adapt_from() -> None:
     with pytest.raises(ValueError, match="set adapt_from"):
         HAMConfig(target_modules=["fc1"], routing=True)
