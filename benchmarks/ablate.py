@@ -53,6 +53,9 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
                                          "--model.ham.protect_inputs=0.9", "--model.ham.group_rank=64"]),
     # the committed config with one statistics head over every class instead of one per group slot
     "route_head_off": ("ham", ["--model.route_head=false"]),
+    # the config with a protection ramp: a slot's 2nd and 3rd tasks kept off less of its earlier inputs
+    **{f"ramp_{'_'.join(r)}": ("ham", [f"--model.ham.protect_ramp=[{','.join(r)}]"])
+       for r in (("0.8", "0.8"), ("0.7", "0.8"), ("0.8",))},
     "route_head_protect_0.8": ("ham", ["--model.ham.protect_inputs=0.8"]),  # the config (a head per group) at 0.8
     "route_head_prune_none": ("ham", ["--model.ham.prune=none"]),  # the config (a head per group), nothing pruned
     "route_head_rank16": ("ham", ["--model.ham.rank=16"]),  # the config with twice each task adapter's rank
