@@ -179,6 +179,12 @@ class HAMConfig:
         if errors:
             raise ValueError("Invalid HAMConfig: " + "; ".join(errors) + ".")
 
+    def protect_energy(self, tasks: int) -> float:
+        """The input energy a subspace keeps after its ``tasks``-th task: ``protect_ramp[tasks-1]``, then
+        ``protect_inputs``."""
+        ramp = self.protect_ramp or []
+        return ramp[tasks - 1] if 1 <= tasks <= len(ramp) else self.protect_inputs
+
     @property
     def scaling(self) -> float:
         """LoRA scaling s = lora_alpha / rank."""

@@ -34,9 +34,8 @@ class HAMControllerState(nn.Module):
     e.g. ``blocks.0.attn.qkv.ham_state``), so ``model.state_dict()`` (and so a Lightning checkpoint of a module
     holding the model) carries ``<state_name>._extra_state`` (the history) and the rule's own state under
     ``<state_name>.merge_rule`` and, with ``protect_inputs``, the `InputSubspace` under ``<state_name>.subspace``.
-    Not a child of the model itself: a new child would change what an
-    ``nn.Sequential`` runs or what ``children()`` lists. The controller stays the one owner of the history; this
-    module only reads and writes it.
+    Not a child of the model itself: a new child would change what an ``nn.Sequential`` runs or what
+    ``children()`` lists. The controller stays the one owner of the history; this module only reads and writes it.
     """
 
     def __init__(self, controller: HAMController, merge_rule: MergeRule, subspace: InputSubspace | None) -> None:
@@ -82,9 +81,6 @@ class HAMController:
         #: ``similarity_source="data"``); a child of the state module, so checkpoints carry it.
         self.router: PrefixRouter | None = None
         if config.routing or config.similarity_source == "data":
-            if not config.adapt_from:
-                raise ValueError("HAMConfig.routing and similarity_source='data' read the inputs of the adapted "
-                                 "part: set adapt_from (e.g. 'blocks.6' on EfficientNet, 'blocks.8' on a ViT).")
             block = model.get_submodule(config.adapt_from)
             self.router = PrefixRouter(input_dim(block), config.max_groups)
             self._state.router = self.router
@@ -268,20 +264,13 @@ class HAMController:
         return self.subspace.collect()
 
     def update_protection(self) -> None:
-        """The subspaces from the moments collected so far (after the pass over a finished task's data)."""
+        """The subspaces from the moments collected so far (after the pass over a finished task's data), keeping
+        `HAMConfig.protect_energy` of the tasks in the last task's slot (scope ``group``) or in the model."""
         if self.subspace is not None:
             self._slot_of_last_task()
-            self.subspace.update(self.protection_energy())
-
-    def protection_energy(self) -> float:
-        """The energy the subspace of the last task's slot (scope ``group``) or of the model (``all``) keeps now:
-        ``protect_ramp[k-1]`` after its k-th task, ``protect_inputs`` after the ramp."""
-        ramp = self.config.protect_ramp or []
-        if self.subspace is not None and self.subspace.slots > 1 and self.history:
-            k = sum(1 for record in self.history if record.group == self.history[-1].group)
-        else:
-            k = len(self.history)
-        return ramp[k - 1] if 1 <= k <= len(ramp) else self.config.protect_inputs
+            grouped = self.subspace.slots > 1 and self.history
+            k = sum(d.group == self.history[-1].group for d in self.history) if grouped else len(self.history)
+            self.subspace.update(self.config.protect_energy(k))
 
     # -- fold / unfold ------------------------------------------------------------------------------------------
     @torch.no_grad()
