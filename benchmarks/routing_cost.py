@@ -1,14 +1,24 @@
-"""Inference cost of routed HAM against the bare (folded) backbone, side by side in one run (issue 22).
+"""Inference and training-step cost of routed HAM, side by side in one run (issue 22).
 
-Lite0 (random init: timing does not depend on the weights) at 96 px, HAM on ``blocks.6`` + ``conv_head`` as in
-``configs/domains_lite0_cpu.yaml``, every slot occupied at its rank cap. Variants, timed in interleaved
-repetitions (order rotating) and summarised by medians of per-repetition ratios to ``bare``:
+Lite0 (random init: timing does not depend on the weights) at 96 px, HAM from ``--adapt_from`` (``blocks.5``, as
+in ``configs/domains_lite0_cpu.yaml``) on its ``conv_pw`` / ``conv_pwl`` / ``conv_head`` layers. Variants, timed
+in interleaved repetitions (order rotating) and summarised by medians of per-repetition ratios:
+
+Inference (whole images: prefix + top part), against ``bare``, every slot occupied at its rank cap:
 
 * ``bare``: the plain backbone (what a folded model costs); ``bare_twin``: a second copy (the noise floor);
 * ``merged``: HAM's merged inference, unfolded (every slot's delta fused into the frozen weight);
-* ``routed``: ``routing=True``: the router's LDA on the pooled ``blocks.6`` input, then each input's own slot.
+* ``routed``: ``routing=True``: the router's LDA on the pooled input of the adapted part, then each input's own
+  slot.
 
-Images per second of whole-image inference (prefix + top part). Prints a table and writes JSON.
+Training step (what a task's step runs: cached prefix activations through the adapted top part, a linear train
+head, cross-entropy, backward, Adam on the adapter, its scalars and the head), against ``step_first``:
+
+* ``step_first``: the first task (no slot occupied); ``step_first_twin``: a second copy (the noise floor);
+* ``step_cap``: a task after many (every slot at its rank cap, the step on top of its planned slot): what every
+  later task costs, however many came before, since the slots are fixed-size.
+
+Prints a table and writes JSON.
 
     python benchmarks/routing_cost.py --out benchmarks/results/routing_cost_cpu.json
 """
@@ -21,6 +31,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,18 +39,21 @@ import torch
 from ham_lightning.core.backbones import create_backbone
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.controller import inject
+from ham_lightning.core.prefix import split_model
 
 
-def build(routing: bool, groups: int, x: torch.Tensor, seed: int = 0) -> torch.nn.Module:
+def build(routing: bool, groups: int, x: torch.Tensor, adapt_from: str, seed: int = 0,
+          filled: int | None = None) -> torch.nn.Module:
+    """Lite0 with HAM from ``adapt_from``; the first ``filled`` (default: every) slots at their rank cap."""
     torch.manual_seed(seed)
     model = create_backbone("tf_efficientnet_lite0", pretrained=False)
-    config = HAMConfig(target_modules=["conv_pw", "conv_pwl", "conv_head"], adapt_from="blocks.6", rank=8,
+    config = HAMConfig(target_modules=["conv_pw", "conv_pwl", "conv_head"], adapt_from=adapt_from, rank=8,
                        max_groups=groups, group_rank=32, routing=routing, similarity_source="data",
                        similarity_threshold=0.01)
     ham = inject(model, config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for slot in range(groups):
+        for slot in range(groups if filled is None else filled):
             for layer in ham.layers.values():
                 layer.set_slot(slot, torch.randn(layer.out_features, 32, generator=g) * 0.01,
                                torch.randn(32, layer.in_features, generator=g) * 0.01)
@@ -49,38 +63,85 @@ def build(routing: bool, groups: int, x: torch.Tensor, seed: int = 0) -> torch.n
     return model.eval()
 
 
+class TrainStep:
+    """One training step of a task on cached prefix activations: top part, linear head, loss, backward, Adam."""
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, adapt_from: str, classes: int = 5) -> None:
+        self.split = split_model(model, adapt_from)
+        ham = model.ham_controller
+        ham.observe_task([x], model)  # plans the task's slot: the step trains on top of it
+        ham.reset_adapter(len(ham.history))
+        with torch.no_grad():
+            self.h = self.split.prefix(x)
+        self.y = torch.arange(x.shape[0]) % classes
+        self.head = torch.nn.Linear(model.num_features, classes)
+        self.model = model.train()
+        params = [p for p in model.parameters() if p.requires_grad] + list(self.head.parameters())
+        self.optimizer = torch.optim.Adam(params, lr=1e-3)
+
+    def __call__(self) -> None:
+        loss = torch.nn.functional.cross_entropy(self.head(self.split.top(self.h)), self.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def timed(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds of each variant per repetition, in an order that rotates every repetition."""
+    names = list(variants)
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for rep in range(repeats):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            start = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratios(times: dict[str, list[float]], reference: str) -> dict[str, float]:
+    return {k: statistics.median(t / r for t, r in zip(v, times[reference])) for k, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--adapt_from", default="blocks.5")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/routing_cost_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bare = create_backbone("tf_efficientnet_lite0", pretrained=False).eval()
     x = torch.randn(args.batch, 3, 96, 96)
-    variants = {"bare": bare, "bare_twin": copy.deepcopy(bare), "merged": build(False, args.groups, x),
-                "routed": build(True, args.groups, x)}
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    variants = {"bare": bare, "bare_twin": copy.deepcopy(bare),
+                "merged": build(False, args.groups, x, args.adapt_from),
+                "routed": build(True, args.groups, x, args.adapt_from)}
     names = list(variants)
     with torch.inference_mode():
-        for model in variants.values():
-            for _ in range(3):
-                model(x)
-        for rep in range(args.repeats):
-            order = names[rep % len(names):] + names[:rep % len(names)]
-            for name in order:
-                start = time.perf_counter()
-                variants[name](x)
-                times[name].append(time.perf_counter() - start)
-    ratios = {k: statistics.median(t / b for t, b in zip(times[k], times["bare"])) for k in names}
+        times = timed({k: (lambda m=m: m(x)) for k, m in variants.items()}, args.repeats)
+    ratios = median_ratios(times, "bare")
+    steps = {"step_first": TrainStep(build(True, args.groups, x, args.adapt_from, filled=0), x, args.adapt_from),
+             "step_first_twin": TrainStep(build(True, args.groups, x, args.adapt_from, filled=0), x,
+                                          args.adapt_from),
+             "step_cap": TrainStep(build(True, args.groups, x, args.adapt_from), x, args.adapt_from)}
+    step_times = timed(dict(steps), args.repeats)
+    step_ratios = median_ratios(step_times, "step_first")
     routes = variants["routed"].ham_controller.layers["conv_head"].route
     routes = routes.slots if routes is not None else None
     result = {
         "images_per_second": {k: args.batch / statistics.median(v) for k, v in times.items()},
         "ratio_to_bare": ratios,
         "routed_vs_bare_inference_ratio": ratios["routed"], "noise_floor_ratio": ratios["bare_twin"],
+        "step_seconds": {k: statistics.median(v) for k, v in step_times.items()},
+        "step_ratio_to_first_task": step_ratios,
+        "step_at_cap_vs_first_task_ratio": step_ratios["step_cap"],
+        "step_noise_floor_ratio": step_ratios["step_first_twin"],
+        "planned_slot_of_step_cap": int(steps["step_cap"].model.ham_controller.router.planned),
+        "adapt_from": args.adapt_from,
         "slots_used_by_routes": sorted(set(routes.tolist())) if routes is not None else None,
         "batch": args.batch, "groups": args.groups, "repeats": args.repeats, "threads": args.threads,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__,
@@ -89,6 +150,9 @@ def main() -> None:
     print(f"{'variant':<10} {'img/s':>8} {'x bare':>8}")
     for k in names:
         print(f"{k:<10} {result['images_per_second'][k]:8.1f} {ratios[k]:8.3f}")
+    print(f"\n{'step':<16} {'ms':>8} {'x first':>8}")
+    for k, v in result["step_seconds"].items():
+        print(f"{k:<16} {1000 * v:8.1f} {step_ratios[k]:8.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 

@@ -290,9 +290,27 @@ class HAMLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._forward(x)
-        if self.route is not None and self._active_group_rank:
+        if self.route is not None and self._active_group_rank and (self._base_trains() or self._whole_slot() is None):
             y = add_routed_groups(self, x, y)
         return y
+
+    def _whole_slot(self) -> int | None:
+        """The occupied slot every input of this routed call takes (training: the planned one), else None."""
+        g = None if self.route is None else self.route.whole
+        return g if g is not None and self._slot_ranks[g] > 0 else None
+
+    def _frozen_weight(self, dtype: torch.dtype) -> Tensor:
+        """The frozen weight of the ``single`` path: ``W0``, or with every input routed to one slot ``W0 + s c_g
+        B_g A_g`` (no gradient, as `add_routed_groups` gives none: rebuilt per call at a rank-``k`` product's cost,
+        where adding the slot per input costs two rank-``k`` products over every input and copies of them)."""
+        g = self._whole_slot()
+        if g is None:
+            return self.base.weight
+        with torch.no_grad():
+            k = self._slot_ranks[g]
+            B = self.group_B[:, :k, g] * (self.group_scalars[g] * self.scaling)
+            flat = self.base.weight.reshape(self.out_features, self.in_features)
+            return torch.addmm(flat.to(B.dtype), B, self.group_A[:k, g, :]).to(dtype).view_as(self.base.weight)
 
     def _forward(self, x: Tensor) -> Tensor:
         if self._base_trains():
@@ -315,7 +333,7 @@ class HAMLayer(nn.Module):
         if path == "single":
             # Keep the group scalars in the graph so DDP sees every parameter used (their grad is zero).
             scale = rank_scale + 0.0 * self.group_scalars.sum()
-            weight = base.weight
+            weight = self._frozen_weight(dtype)
         else:
             weight = base.weight if path == "lowrank" else self.fused_weight(dtype)
             scale = rank_scale
@@ -339,7 +357,8 @@ class HAMLayer(nn.Module):
         path, c_grad = self._plan(tokens, dtype)
         if path == "single":
             rank_scale = rank_scale + 0.0 * self.group_scalars.sum()  # DDP: every parameter in the graph
-            y_frozen = base(x)
+            y_frozen = base(x) if self._whole_slot() is None else F.conv2d(
+                x, self._frozen_weight(x.dtype), base.bias, **conv)
         elif path == "lowrank":
             A_g, B_g, group_scale = self._group_weights()
             h = F.conv2d(x, A_g.to(x.dtype)[:, :, None, None], None, **conv)

@@ -61,11 +61,16 @@ class Routes:
 
     slots: Tensor
     members: tuple[tuple[int, Tensor], ...]
+    #: The one slot every input takes (training: the planned slot), else None: a layer then fuses that slot's
+    #: delta into its frozen weight for the call instead of adding it per input.
+    whole: int | None = None
 
     @classmethod
     def of(cls, slots: Tensor) -> Routes:
-        taken = [g for g in torch.unique(slots).tolist() if g >= 0]  # one host sync per forward, not per layer
-        return cls(slots, tuple((g, torch.nonzero(slots == g).flatten()) for g in taken))
+        values = torch.unique(slots).tolist()  # one host sync per forward, not per layer
+        taken = [g for g in values if g >= 0]
+        whole = values[0] if len(values) == 1 and values[0] >= 0 else None
+        return cls(slots, tuple((g, torch.nonzero(slots == g).flatten()) for g in taken), whole)
 
 
 def add_routed_groups(layer: nn.Module, x: Tensor, y: Tensor) -> Tensor:

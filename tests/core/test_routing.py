@@ -10,7 +10,7 @@ from torch import nn
 
 from ham_lightning.core.config import HAMConfig
 from ham_lightning.core.controller import inject
-from ham_lightning.core.routing import PrefixRouter, bhattacharyya
+from ham_lightning.core.routing import PrefixRouter, Routes, bhattacharyya
 
 
 class Block(nn.Module):
@@ -118,7 +118,7 @@ def test_protect_ramp_sets_a_slots_first_energies_then_protect_inputs() -> None:
     ham = inject(net, config)
     space = ham.subspace
     assert space is not None
-    energies, ranks = [], []
+    expected = [0.5, 0.5, 0.99]  # the first task of slot 0, of slot 1, then slot 0's second
     for t, name in enumerate(["A", "B", "A"]):
         data = domain(name, seed=t)
         ham.reset_adapter(t)
@@ -127,17 +127,50 @@ def test_protect_ramp_sets_a_slots_first_energies_then_protect_inputs() -> None:
         with ham.collecting_inputs(), torch.no_grad():
             net(data)
         ham.update_protection()
-        energies.append(ham.protection_energy())
-        ranks.append(space.ranks()["blocks.0.fc1"])
+        kept = space.ranks()
+        assert ham.config.protect_energy(sum(d.group == ham.history[-1].group for d in ham.history)) == expected[t]
+        space.update(expected[t])  # the same moment at the expected energy: the same subspace
+        assert space.ranks() == kept
+        space.update(0.5 if expected[t] == 0.99 else 0.99)
+        assert space.ranks()["blocks.0.fc1"] != kept["blocks.0.fc1"]  # the energy matters on this moment
+        space.update(expected[t])
     assert [d.group for d in ham.history] == [0, 1, 0]
-    assert energies == [0.5, 0.5, 0.99]  # the first task of slot 0, of slot 1, then slot 0's second
-    space.slot = 1
-    space.update(0.99)
-    assert ranks[1] < space.ranks()["blocks.0.fc1"]  # the ramp's 0.5 kept fewer directions of the same moment
     with pytest.raises(ValueError, match="protect_ramp holds energy fractions"):
         HAMConfig(target_modules=["fc1"], protect_inputs=0.9, protect_ramp=[0.8, 1.0])
     with pytest.raises(ValueError, match="protect_inputs=0 disables"):
         HAMConfig(target_modules=["fc1"], protect_ramp=[0.8])
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_batch_routed_to_one_slot_gets_that_slots_delta_fused_with_the_same_outputs_and_gradients(conv) -> None:
+    """Training routes every input to the planned slot: its delta is fused into the frozen weight for the call
+    (`Routes.whole`) instead of added per input; outputs and the adapter's gradients are those of the per-input
+    sum (a strided 1x1 conv takes the conv path, a Linear the matmul one)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(OrderedDict(head=nn.Conv2d(6, 5, 1, stride=2) if conv else nn.Linear(6, 5)))
+    ham = inject(net, HAMConfig(target_modules=["head"], rank=2, max_groups=3, group_rank=4))
+    layer = ham.layers["head"]
+    with torch.no_grad():
+        for g in (0, 1):
+            layer.set_slot(g, torch.randn(5, 4), torch.randn(4, 6))
+        layer.lora_B.normal_()
+        layer.group_scalars.fill_(0.7)
+    x = torch.randn(4, 6, 5, 5) if conv else torch.randn(8, 6)
+    outputs, grads = [], []
+    for whole in (1, None):
+        routes = Routes.of(torch.ones(x.shape[0], dtype=torch.long))
+        layer.route = Routes(routes.slots, routes.members, whole)
+        y = net(x)
+        y.square().sum().backward()
+        outputs.append(y.detach())
+        grads.append(layer.lora_B.grad.clone())
+        layer.lora_B.grad = None
+    layer.route = None
+    assert Routes.of(torch.ones(3, dtype=torch.long)).whole == 1
+    assert Routes.of(torch.tensor([1, 0, 1])).whole is None and Routes.of(torch.tensor([-1, -1])).whole is None
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outputs[0], net(x), atol=1e-3)  # unrouted: every slot's delta, not slot 1's
 
 
 def test_routing_needs_adapt_from() -> None:
