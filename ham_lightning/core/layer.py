@@ -20,7 +20,7 @@ from ham_lightning.core.layer_ops import (
     group_path_costs,
     is_adaptable,
 )
-from ham_lightning.core.routing import Routes, add_routed_groups
+from ham_lightning.core.routing import Routes, add_routed_groups, slot_fused_weight
 
 #: How a layer runs its occupied groups while their scalars train; see `HAMLayer.group_path`.
 GroupPath = Literal["auto", "lowrank", "merged", "merged_dense"]
@@ -301,16 +301,18 @@ class HAMLayer(nn.Module):
 
     def _frozen_weight(self, dtype: torch.dtype) -> Tensor:
         """The frozen weight of the ``single`` path: ``W0``, or with every input routed to one slot ``W0 + s c_g
-        B_g A_g`` (no gradient, as `add_routed_groups` gives none: rebuilt per call at a rank-``k`` product's cost,
-        where adding the slot per input costs two rank-``k`` products over every input and copies of them)."""
+        B_g A_g`` (no gradient, as `add_routed_groups` gives none), cached like `fused_weight` (a task's steps all
+        take its planned slot), where adding the slot per input costs two rank-``k`` products over every input."""
         g = self._whole_slot()
         if g is None:
             return self.base.weight
-        with torch.no_grad():
-            k = self._slot_ranks[g]
-            B = self.group_B[:, :k, g] * (self.group_scalars[g] * self.scaling)
-            flat = self.base.weight.reshape(self.out_features, self.in_features)
-            return torch.addmm(flat.to(B.dtype), B, self.group_A[:k, g, :]).to(dtype).view_as(self.base.weight)
+        key = ("slot", g, self._slot_ranks[g], self._fused_key(dtype))
+        if self._fused is not None and self._fused[0] == key and not _is_compiling():
+            return self._fused[1]
+        weight = slot_fused_weight(self, g, dtype)
+        if not _is_compiling():
+            self._fused = (key, weight)
+        return weight
 
     def _forward(self, x: Tensor) -> Tensor:
         if self._base_trains():

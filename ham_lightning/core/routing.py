@@ -97,6 +97,17 @@ def add_routed_groups(layer: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return y
 
 
+def slot_fused_weight(layer: nn.Module, g: int, dtype: torch.dtype) -> Tensor:
+    """``W0 + s c_g B_g A_g``: a HAM layer's frozen weight with slot ``g`` fused in, for a call whose every input
+    takes slot ``g`` (no gradient, as `add_routed_groups` gives none; a normal tensor even in inference mode, so
+    a cached one serves training too)."""
+    with torch.inference_mode(False), torch.no_grad():
+        k = layer._slot_ranks[g]
+        B = layer.group_B[:, :k, g] * (layer.group_scalars[g] * layer.scaling)
+        flat = layer.base.weight.reshape(layer.out_features, layer.in_features)
+        return torch.addmm(flat.to(B.dtype), B, layer.group_A[:k, g, :]).to(dtype).view_as(layer.base.weight)
+
+
 class _Observed(Exception):
     """Raised by the routing hook once the pooled input is recorded: the rest of the forward is not needed."""
 

@@ -165,6 +165,14 @@ def test_a_batch_routed_to_one_slot_gets_that_slots_delta_fused_with_the_same_ou
         outputs.append(y.detach())
         grads.append(layer.lora_B.grad.clone())
         layer.lora_B.grad = None
+    routes = Routes.of(torch.ones(x.shape[0], dtype=torch.long))
+    with torch.no_grad():
+        layer.route = routes
+        net(x)  # caches slot 1's fused weight
+        layer.set_slot(1, torch.randn(5, 3), torch.randn(3, 6))  # a merge into the slot: the cache must not serve
+        fused = net(x)
+        layer.route = Routes(routes.slots, routes.members, None)
+        torch.testing.assert_close(fused, net(x), rtol=1e-5, atol=1e-5)
     layer.route = None
     assert Routes.of(torch.ones(3, dtype=torch.long)).whole == 1
     assert Routes.of(torch.tensor([1, 0, 1])).whole is None and Routes.of(torch.tensor([-1, -1])).whole is None
