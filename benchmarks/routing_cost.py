@@ -30,11 +30,10 @@ import copy
 import json
 import platform
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from throughput import BenchConfig, median_ratio, time_interleaved  # benchmarks/: the same interleaved timing
 
 from ham_lightning.core.backbones import create_backbone
 from ham_lightning.core.config import HAMConfig
@@ -86,25 +85,6 @@ class TrainStep:
         self.optimizer.step()
 
 
-def timed(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds of each variant per repetition, in an order that rotates every repetition."""
-    names = list(variants)
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for rep in range(repeats):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            start = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def median_ratios(times: dict[str, list[float]], reference: str) -> dict[str, float]:
-    return {k: statistics.median(t / r for t, r in zip(v, times[reference])) for k, v in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -122,15 +102,16 @@ def main() -> None:
                 "merged": build(False, args.groups, x, args.adapt_from),
                 "routed": build(True, args.groups, x, args.adapt_from)}
     names = list(variants)
+    timing, cpu = BenchConfig(warmup=3, steps=1), torch.device("cpu")
     with torch.inference_mode():
-        times = timed({k: (lambda m=m: m(x)) for k, m in variants.items()}, args.repeats)
-    ratios = median_ratios(times, "bare")
+        times = time_interleaved({k: (lambda m=m: m(x)) for k, m in variants.items()}, timing, cpu, args.repeats)
+    ratios = {k: median_ratio(times, k, "bare") for k in names}
     steps = {"step_first": TrainStep(build(True, args.groups, x, args.adapt_from, filled=0), x, args.adapt_from),
              "step_first_twin": TrainStep(build(True, args.groups, x, args.adapt_from, filled=0), x,
                                           args.adapt_from),
              "step_cap": TrainStep(build(True, args.groups, x, args.adapt_from), x, args.adapt_from)}
-    step_times = timed(dict(steps), args.repeats)
-    step_ratios = median_ratios(step_times, "step_first")
+    step_times = time_interleaved(dict(steps), timing, cpu, args.repeats)
+    step_ratios = {k: median_ratio(step_times, k, "step_first") for k in steps}
     routes = variants["routed"].ham_controller.layers["conv_head"].route
     routes = routes.slots if routes is not None else None
     result = {
