@@ -101,6 +101,8 @@ def summary_lines(results: Results) -> list[str]:
         lines.append(f"groups used {used} of {groups.get('max_groups', '?')} (task -> group: {shown}{more})")
         if groups.get("domain_ari") is not None:
             lines.append(f"groups against the task domains: adjusted Rand index {groups['domain_ari']:.2f}")
+    if results.get("errors"):
+        lines.append(f"errors (% of the last evaluation's images): {_errors_text(results['errors'])}")
     tasks = results.get("tasks") or []
     total = wall_time(results)
     peak = _max_or_none(t.get("peak_memory_mb") for t in tasks)
@@ -115,6 +117,14 @@ def wall_time(results: Results) -> float | None:
     sum of the tasks' times (results written by the Python API without it)."""
     fit = results.get("fit_wall_time_s")
     return float(fit) if fit is not None else _total_time(results.get("tasks") or [])
+
+
+def _errors_text(errors: Mapping[str, object]) -> str:
+    """`error_breakdown`'s shares in words: wrong in all, then where the wrong predictions went."""
+    names = {"within_task": "within the image's task", "other_task": "another task",
+             "other_task_same_domain": "another task of its domain", "other_domain": "another domain"}
+    parts = [f"{_num(errors[key])} {name}" for key, name in names.items() if key in errors]
+    return f"{_num(errors.get('wrong'))} wrong: " + ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------- markdown
@@ -152,6 +162,8 @@ def _markdown(results: Results, images: Mapping[str, str]) -> str:
     if groups:
         assignment = groups.get("assignment") or []
         summary.append(("Groups used", f"{len(set(assignment))} of {groups.get('max_groups', '?')}"))
+    if results.get("errors"):
+        summary.append(("Errors (% of the last evaluation's images)", _errors_text(results["errors"])))
     if wall_time(results) is not None:
         summary.append(("Total wall time", _duration(wall_time(results))))
     peak = _max_or_none(t.get("peak_memory_mb") for t in tasks)

@@ -90,6 +90,10 @@ def test_fit_writes_results_report_plots_and_offline_wandb(tmp_path: Path) -> No
     assert results["forgetting"] == pytest.approx(
         sum(max(matrix[i][j] for i in range(j, T - 1)) - final[j] for j in range(T - 1)) / (T - 1))
     assert results["bwt"] == pytest.approx(sum(final[j] - matrix[j][j] for j in range(T - 1)) / (T - 1))
+    errors = results["errors"]  # the last evaluation's wrong predictions: within a task or across tasks
+    assert errors["wrong"] == pytest.approx(100.0 - results["last_accuracy"])
+    assert errors["within_task"] + errors["other_task"] == pytest.approx(errors["wrong"])
+    assert sum(n for *_, n in errors["confusions"]) == round(errors["wrong"] * errors["images"] / 100)
     groups = results["groups"]
     assert len(groups["assignment"]) == T and max(groups["assignment"]) < 2
     assert len(results["tasks"]) == T and all(t["wall_time_s"] > 0 for t in results["tasks"])

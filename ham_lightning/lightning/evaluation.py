@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics import Metric
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -132,6 +133,7 @@ def evaluate_tasks(
     num_classes: int,
     device: torch.device,
     trainer: Trainer | None = None,
+    confusion: MulticlassConfusionMatrix | None = None,
 ) -> list[Counts]:
     """(correct, total) per loader (one per task), predicting among ``seen_classes`` only; summed over ranks.
 
@@ -139,6 +141,7 @@ def evaluate_tasks(
     to ``model`` as is after moving to ``device``. With ``trainer``, the forward runs in its precision context
     (autocast for mixed precision, the input conversion of true half precision) and each rank evaluates its
     share of every loader; without, the share comes from ``torch.distributed`` when it is initialised.
+    With ``confusion`` (over ``num_classes``), every prediction is also counted there (see `error_breakdown`).
     """
     if trainer is not None:
         rank, world = trainer.global_rank, trainer.world_size
@@ -161,5 +164,40 @@ def evaluate_tasks(
                     f"The model returns {logits.shape[-1]} logits but the scenario has {num_classes} classes: give the "
                     f"model's head num_classes={num_classes} (the datamodule's num_classes)."
                 )
-            metric.update(logits.float().masked_fill(~seen, float("-inf")), y, task=task)
+            logits = logits.float().masked_fill(~seen, float("-inf"))
+            metric.update(logits, y, task=task)
+            if confusion is not None:
+                confusion.update(logits, y)
     return metric.counts()[: len(loaders)]
+
+
+def error_breakdown(confmat: Tensor, class_task: dict[int, int], task_domains: Sequence[str] | None = None
+                    ) -> dict[str, Any]:
+    """Where the wrong predictions of one evaluation went, in percent of the images evaluated.
+
+    ``confmat[i, k]`` counts images of class ``i`` predicted as ``k`` (torchmetrics' `MulticlassConfusionMatrix`);
+    ``class_task`` gives each evaluated class its task. An error is ``within_task`` (a class of the image's own
+    task), else ``other_task``; with ``task_domains`` (the source of every task, a mixed-domain scenario) those are
+    split into ``other_task_same_domain`` and ``other_domain``. ``confusions`` lists every off-diagonal count as
+    ``[true, predicted, count]``, so other partitions can be scored later (another run's tasks, for ``joint``).
+    """
+    counts = confmat.detach().cpu().long()
+    total = int(counts.sum())
+    off = counts.clone()
+    off.fill_diagonal_(0)
+    true, pred = off.nonzero(as_tuple=True)
+    confusions = [[int(i), int(k), int(off[i, k])] for i, k in zip(true.tolist(), pred.tolist())]
+    share: dict[str, float] = {}
+    for i, k, n in confusions:
+        same_task = class_task.get(i) == class_task.get(k)
+        if same_task:
+            key = "within_task"
+        elif task_domains is None or i not in class_task or k not in class_task:
+            key = "other_task"
+        else:
+            same = task_domains[class_task[i]] == task_domains[class_task[k]]
+            key = "other_task_same_domain" if same else "other_domain"
+        share[key] = share.get(key, 0.0) + n
+    keys = ["within_task", *(["other_task"] if task_domains is None else ["other_task_same_domain", "other_domain"])]
+    return {"images": total, "wrong": 100.0 * sum(n for *_, n in confusions) / max(1, total),
+            **{key: 100.0 * share.get(key, 0.0) / max(1, total) for key in keys}, "confusions": confusions}

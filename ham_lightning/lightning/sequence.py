@@ -24,7 +24,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from ham_lightning.lightning.evaluation import Counts, continual_metrics, evaluate_tasks
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from ham_lightning.lightning.evaluation import Counts, continual_metrics, error_breakdown, evaluate_tasks
 from ham_lightning.lightning.statistics import statistics_pass, task_heads
 from ham_lightning.lightning.task_protocol import TaskProtocol, check_task_protocol, task_aware
 
@@ -96,6 +98,8 @@ class ContinualEvaluation(Callback):
         # rows[i][j] = (correct, total) on task j after task i; final once written (already summed over ranks).
         self.rows: list[list[Counts]] = []
         self.task_records: list[dict[str, Any]] = []
+        # Where the latest evaluation's errors went (`error_breakdown`); results.json's ``errors``.
+        self.errors: dict[str, Any] | None = None
 
     # -- what subclasses extend ---------------------------------------------------------------------------------
     def on_task_end(self, trainer: Trainer, pl_module: LightningModule, task: int) -> dict[str, float]:
@@ -104,7 +108,8 @@ class ContinualEvaluation(Callback):
 
     def results(self) -> dict[str, Any]:
         """Accuracy matrix, summary metrics and per-task records (results.json schema, percent)."""
-        return {**continual_metrics(self.rows), "tasks": list(self.task_records)}
+        errors = {"errors": self.errors} if self.errors is not None else {}
+        return {**continual_metrics(self.rows), "tasks": list(self.task_records), **errors}
 
     @property
     def current_task(self) -> int:
@@ -251,9 +256,13 @@ class ContinualEvaluation(Callback):
             loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
             was_training = pl_module.training
             pl_module.eval()
+            confusion = MulticlassConfusionMatrix(dm.num_classes, validate_args=False).to(pl_module.device)
             with profile("[TaskBoundary]evaluate seen tasks"):
-                row = evaluate_tasks(pl_module, loaders[: task + 1], seen, dm.num_classes, pl_module.device, trainer)
+                row = evaluate_tasks(pl_module, loaders[: task + 1], seen, dm.num_classes, pl_module.device, trainer,
+                                     confusion)
             pl_module.train(was_training)
+            class_task = {c: t for t in range(task + 1) for c in dm.task_classes(t)}
+            self.errors = error_breakdown(confusion.compute(), class_task, getattr(dm, "task_domains", None))
             self.rows.append(row)
             summary = continual_metrics(self.rows)
             metrics = {f"cl/acc_task_{j}": 100.0 * c / n if n else 0.0 for j, (c, n) in enumerate(row)}
@@ -287,6 +296,7 @@ class ContinualEvaluation(Callback):
             "rebuild_optimizers": self._rebuild_optimizers,
             "rows": [list(map(list, row)) for row in self.rows],
             "task_records": self.task_records,
+            "errors": self.errors,
         }
 
     @override
@@ -297,3 +307,4 @@ class ContinualEvaluation(Callback):
         self._rebuild_optimizers = state_dict["rebuild_optimizers"]
         self.rows = [[(int(c), int(n)) for c, n in row] for row in state_dict["rows"]]
         self.task_records = list(state_dict["task_records"])
+        self.errors = state_dict.get("errors")  # absent in checkpoints written before it was kept

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ham_lightning.lightning.evaluation import continual_metrics, evaluate_tasks
+from ham_lightning.lightning.evaluation import continual_metrics, error_breakdown, evaluate_tasks
 
 
 def test_metrics_match_protocol_definitions() -> None:
@@ -43,6 +43,45 @@ def test_evaluate_tasks_counts_micro_accuracy_among_seen_classes() -> None:
     loaders = [DataLoader(TensorDataset(x[:4], y[:4]), batch_size=3), DataLoader(TensorDataset(x[4:], y[4:]))]
     counts = evaluate_tasks(logits_fn, loaders, seen_classes=[0, 1], num_classes=6, device=torch.device("cpu"))
     assert counts == [(3, 4), (1, 2)]
+
+
+def test_evaluate_tasks_counts_every_prediction_among_seen_classes_in_the_confusion() -> None:
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    x = torch.arange(6.0).unsqueeze(1)
+    y = torch.tensor([0, 1, 2, 3, 2, 3])
+    predicted = torch.tensor([0, 2, 2, 0, 5, 3])  # class 5 unseen: masked, so that image falls to class 0
+
+    def logits_fn(batch: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(batch.shape[0], 6)
+        out[torch.arange(batch.shape[0]), predicted[batch[:, 0].long()]] = 10.0
+        out[:, 0] = 1.0
+        return out
+
+    loaders = [DataLoader(TensorDataset(x[:2], y[:2])), DataLoader(TensorDataset(x[2:], y[2:]), batch_size=3)]
+    confusion = MulticlassConfusionMatrix(6, validate_args=False)
+    counts = evaluate_tasks(logits_fn, loaders, [0, 1, 2, 3], 6, torch.device("cpu"), confusion=confusion)
+    assert counts == [(1, 2), (2, 4)]
+    confmat = confusion.compute()
+    assert confmat.sum() == 6 and confmat[1, 2] == 1 and confmat[3, 0] == 1 and confmat[2, 0] == 1
+    assert confmat.diagonal().sum() == 3
+
+
+def test_error_breakdown_splits_the_wrong_predictions_by_task_and_domain() -> None:
+    # Classes 0-1 task 0 (domain a), 2-3 task 1 (a), 4-5 task 2 (b); 20 images.
+    confmat = torch.zeros(6, 6, dtype=torch.long)
+    confmat[torch.arange(6), torch.arange(6)] = torch.tensor([3, 3, 2, 2, 2, 2])  # 14 right
+    confmat[0, 1] = 2  # within its task
+    confmat[1, 3] = 1  # another task of domain a
+    confmat[4, 0] = 3  # another domain
+    class_task = {0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2}
+    errors = error_breakdown(confmat, class_task, ["a", "a", "b"])
+    assert errors["images"] == 20 and errors["wrong"] == pytest.approx(30.0)
+    assert errors["within_task"] == pytest.approx(10.0) and errors["other_task_same_domain"] == pytest.approx(5.0)
+    assert errors["other_domain"] == pytest.approx(15.0) and "other_task" not in errors
+    assert sorted(errors["confusions"]) == [[0, 1, 2], [1, 3, 1], [4, 0, 3]]
+    plain = error_breakdown(confmat, class_task)  # no domains: every other task's class counts alike
+    assert plain["other_task"] == pytest.approx(20.0) and "other_domain" not in plain
 
 
 def test_evaluate_tasks_refuses_a_head_of_the_wrong_size() -> None:
