@@ -22,9 +22,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from typing_extensions import override
-
 from torchmetrics.classification import MulticlassConfusionMatrix
+from typing_extensions import override
 
 from ham_lightning.lightning.evaluation import Counts, continual_metrics, error_breakdown, evaluate_tasks
 from ham_lightning.lightning.statistics import statistics_pass, task_heads
