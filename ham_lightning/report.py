@@ -101,8 +101,6 @@ def summary_lines(results: Results) -> list[str]:
         lines.append(f"groups used {used} of {groups.get('max_groups', '?')} (task -> group: {shown}{more})")
         if groups.get("domain_ari") is not None:
             lines.append(f"groups against the task domains: adjusted Rand index {groups['domain_ari']:.2f}")
-    if results.get("errors"):
-        lines.append(f"errors (% of the last evaluation's images): {_errors_text(results['errors'])}")
     tasks = results.get("tasks") or []
     total = wall_time(results)
     peak = _max_or_none(t.get("peak_memory_mb") for t in tasks)
