@@ -176,21 +176,29 @@ def error_breakdown(confmat: Tensor, class_task: dict[int, int], task_domains: S
     """Where the wrong predictions of one evaluation went, in percent of the images evaluated.
 
     ``confmat[i, k]`` counts images of class ``i`` predicted as ``k`` (torchmetrics' `MulticlassConfusionMatrix`);
-    ``class_task`` gives each evaluated class its task. An error is ``within_task`` (a class of the image's own
-    task), else ``other_task``; with ``task_domains`` (the source of every task, a mixed-domain scenario) those are
-    split into ``other_task_same_domain`` and ``other_domain``. ``confusions`` lists every off-diagonal count as
-    ``[true, predicted, count]``, so other partitions can be scored later (another run's tasks, for ``joint``).
+    ``class_task`` gives each evaluated class its task. ``confusions`` lists every off-diagonal count as
+    ``[true, predicted, count]``, so other partitions can be scored later (`error_shares`).
     """
     counts = confmat.detach().cpu().long()
-    total = int(counts.sum())
     off = counts.clone()
     off.fill_diagonal_(0)
     true, pred = off.nonzero(as_tuple=True)
     confusions = [[int(i), int(k), int(off[i, k])] for i, k in zip(true.tolist(), pred.tolist())]
+    total = int(counts.sum())
+    return {"images": total, **error_shares(confusions, total, class_task, task_domains), "confusions": confusions}
+
+
+def error_shares(confusions: Sequence[Sequence[int]], images: int, class_task: dict[int, int],
+                 task_domains: Sequence[str] | None = None) -> dict[str, float]:
+    """``wrong`` and its parts in percent of ``images``, from ``[true, predicted, count]`` confusions.
+
+    An error is ``within_task`` (a class of the image's own task), else ``other_task``; with ``task_domains`` (the
+    source of every task, a mixed-domain scenario) those are split into ``other_task_same_domain`` and
+    ``other_domain``.
+    """
     share: dict[str, float] = {}
     for i, k, n in confusions:
-        same_task = class_task.get(i) == class_task.get(k)
-        if same_task:
+        if class_task.get(i) == class_task.get(k):
             key = "within_task"
         elif task_domains is None or i not in class_task or k not in class_task:
             key = "other_task"
@@ -199,5 +207,5 @@ def error_breakdown(confmat: Tensor, class_task: dict[int, int], task_domains: S
             key = "other_task_same_domain" if same else "other_domain"
         share[key] = share.get(key, 0.0) + n
     keys = ["within_task", *(["other_task"] if task_domains is None else ["other_task_same_domain", "other_domain"])]
-    return {"images": total, "wrong": 100.0 * sum(n for *_, n in confusions) / max(1, total),
-            **{key: 100.0 * share.get(key, 0.0) / max(1, total) for key in keys}, "confusions": confusions}
+    return {"wrong": 100.0 * sum(n for *_, n in confusions) / max(1, images),
+            **{key: 100.0 * share.get(key, 0.0) / max(1, images) for key in keys}}
