@@ -106,7 +106,8 @@ class ContinualEvaluation(Callback):
         return {}
 
     def results(self) -> dict[str, Any]:
-        """Accuracy matrix, summary metrics and per-task records (results.json schema, percent)."""
+        """Accuracy matrix, summary metrics, per-task records and the last evaluation's `errors` (results.json schema,
+        percent)."""
         errors = {"errors": self.errors} if self.errors is not None else {}
         return {**continual_metrics(self.rows), "tasks": list(self.task_records), **errors}
 
