@@ -50,6 +50,8 @@ def test_the_command_runs_to_the_end_on_two_ddp_processes(tmp_path: Path) -> Non
     results = json.loads((run / "results.json").read_text())
     matrix = results["accuracy_matrix"]
     assert len(matrix) == 2 and matrix[1][0] is not None and matrix[1][1] is not None
+    errors = results["errors"]  # counted on both ranks' shares and summed: every test image once (10 classes x 4)
+    assert errors["images"] == 40 and errors["wrong"] == pytest.approx(100.0 - results["last_accuracy"])
     assert results["run"]["run_dir"] == str(run)
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert not (run / LOCK_NAME).exists() and not list(run.glob("checkpoints/.*.tmp-*"))
