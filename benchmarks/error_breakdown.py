@@ -4,7 +4,8 @@ Reads runs' results (``results.json`` or the JSONs `compare.py` / `ablate.py` wr
 last evaluation's confusions. A one-task run (``joint``) has no tasks to tell apart, so it is also scored with the
 tasks of each run given to ``--partitions`` (the same classes cut into that run's tasks): how many of its errors
 fall between classes the sequential runs learned in different tasks. Prints a Markdown table; ``--out`` writes it
-as JSON too. The data sets must be where the runs' configs say (the class order is rebuilt from them).
+as JSON too. Runs whose results lack `class_order` (written before it was kept) rebuild it from their data
+config, so the data sets must then be where those configs say.
 
     python benchmarks/error_breakdown.py benchmarks/results/domains_lite0_cpu/errors_T10/*.json \\
         benchmarks/results/domains_lite0_cpu/errors_T50/*.json \\
@@ -28,7 +29,10 @@ KEYS = ("wrong", "within_task", "other_task", "other_task_same_domain", "other_d
 
 
 def scenario(results: dict[str, Any]) -> tuple[list[int], list[int], list[str] | None]:
-    """The run's class order (original class of each global class), task sizes and task domains."""
+    """The run's class order (original class of each global class), task sizes and task domains: from its
+    results where they are kept, else rebuilt from its data config (runs written before results.json kept them)."""
+    if "class_order" in results and "task_sizes" in results:
+        return list(results["class_order"]), list(results["task_sizes"]), results.get("task_domains")
     from ham_lightning.data.datamodule import ClassIncrementalDataModule
 
     dm = ClassIncrementalDataModule(**results["config"]["data"])

@@ -90,6 +90,7 @@ def test_fit_writes_results_report_plots_and_offline_wandb(tmp_path: Path) -> No
     assert results["forgetting"] == pytest.approx(
         sum(max(matrix[i][j] for i in range(j, T - 1)) - final[j] for j in range(T - 1)) / (T - 1))
     assert results["bwt"] == pytest.approx(sum(final[j] - matrix[j][j] for j in range(T - 1)) / (T - 1))
+    assert sorted(results["class_order"]) == list(range(10)) and results["task_sizes"] == [2] * T
     errors = results["errors"]  # the last evaluation's wrong predictions: within a task or across tasks
     assert errors["wrong"] == pytest.approx(100.0 - results["last_accuracy"])
     assert errors["within_task"] + errors["other_task"] == pytest.approx(errors["wrong"])

@@ -33,3 +33,11 @@ def test_a_one_task_run_is_scored_with_another_runs_tasks(tmp_path: Path) -> Non
     assert rows[0]["within_task"] == 5.0 and rows[0]["other_task"] == 15.0 and rows[0]["tasks"] == 5
     assert rows[1]["wrong"] == pytest.approx(5.0)
     assert rows[1]["within_task"] == pytest.approx(2.0) and rows[1]["other_task"] == pytest.approx(3.0)
+
+
+def test_a_run_that_keeps_its_class_order_needs_no_data() -> None:
+    script = load_benchmark("error_breakdown")
+    kept = {"config": {"data": {"dataset": "no_such_dataset"}}, "class_order": [2, 0, 1], "task_sizes": [1, 2],
+            "task_domains": ["a", "b"]}
+    assert script.scenario(kept) == ([2, 0, 1], [1, 2], ["a", "b"])
+    assert script.class_tasks([2, 0, 1], [1, 2]) == {2: 0, 0: 1, 1: 1}

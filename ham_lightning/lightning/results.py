@@ -78,6 +78,10 @@ class RunResults(Callback):
         if continual is None or not continual.rows:
             return
         results = self.collect(continual, pl_module)
+        for key in ("class_order", "task_sizes"):  # the scenario's tasks, so a run's errors can be re-cut later
+            value = getattr(trainer.datamodule, key, None)
+            if value is not None:
+                results[key] = [int(v) for v in value]
         domains = getattr(trainer.datamodule, "task_domains", None)
         if domains is not None:  # a mixed-domain scenario: the source of every task
             results["task_domains"] = list(domains)
