@@ -251,7 +251,8 @@ class ContinualEvaluation(Callback):
         if heads:  # e.g. the ridge head's chosen `lam` at every boundary
             record["heads"] = heads
         if self.evaluate:
-            seen = [c for t in range(task + 1) for c in dm.task_classes(t)]
+            class_task = {c: t for t in range(task + 1) for c in dm.task_classes(t)}  # every seen class's task
+            seen = list(class_task)
             loaders = dm.test_dataloader()
             loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
             was_training = pl_module.training
@@ -261,7 +262,6 @@ class ContinualEvaluation(Callback):
                 row = evaluate_tasks(pl_module, loaders[: task + 1], seen, dm.num_classes, pl_module.device, trainer,
                                      confusion)
             pl_module.train(was_training)
-            class_task = {c: t for t in range(task + 1) for c in dm.task_classes(t)}
             self.errors = error_breakdown(confusion.compute(), class_task, getattr(dm, "task_domains", None))
             self.rows.append(row)
             summary = continual_metrics(self.rows)
