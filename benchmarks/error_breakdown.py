@@ -25,7 +25,8 @@ from typing import Any
 from ham_lightning.lightning.evaluation import error_shares
 from ham_lightning.report import markdown_table
 
-KEYS = ("wrong", "within_task", "other_task", "other_task_same_domain", "other_domain")  # other_task: no domains
+KEYS = ("wrong", "within_task", "other_task", "other_task_same_domain", "other_domain",  # other_task: no domains
+        "to_later_task", "to_earlier_task")
 
 
 def scenario(results: dict[str, Any]) -> tuple[list[int], list[int], list[str] | None]:
@@ -59,10 +60,12 @@ def breakdown(paths: Sequence[Path], partitions: Sequence[Path]) -> list[dict[st
             continue
         name = f"{path.parent.name}/{path.stem}"
         base = {"run": name, "method": results.get("method"), "last_accuracy": results["last_accuracy"]}
-        if len(results["accuracy_matrix"]) > 1:
-            rows.append({**base, "tasks": len(results["accuracy_matrix"]), **{k: errors.get(k) for k in KEYS}})
+        order, sizes, domains = scenario(results)  # global class of this run -> original class
+        if len(sizes) > 1:  # shares from the confusions, so runs written before a key existed get it too
+            class_task = class_tasks(range(len(order)), sizes)
+            shares = error_shares(errors["confusions"], errors["images"], class_task, domains)
+            rows.append({**base, "tasks": len(sizes), **shares})
             continue
-        order, _, _ = scenario(results)  # global class of this run -> original class
         for cut, original_task, domains, num_tasks in cuts:
             class_task = {g: original_task[c] for g, c in enumerate(order)}
             shares = error_shares(errors["confusions"], errors["images"], class_task, domains)
@@ -78,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = breakdown(args.runs, args.partitions)
     print("\n".join(markdown_table(
-        ["run", "tasks", "last acc", "wrong", "within task", "other task", "other task, same domain", "other domain"],
+        ["run", "tasks", "last acc", "wrong", "within task", "other task", "other task, same domain", "other domain",
+         "to a later task", "to an earlier task"],
         [[r["run"], r["tasks"], f"{r['last_accuracy']:.2f}", *(f"{r[k]:.2f}" if r.get(k) is not None else "-"
                                                                for k in KEYS)] for r in rows])))
     if args.out:

@@ -120,7 +120,8 @@ def wall_time(results: Results) -> float | None:
 def _errors_text(errors: Mapping[str, object]) -> str:
     """`error_breakdown`'s shares in words: wrong in all, then where the wrong predictions went."""
     names = {"within_task": "within the image's task", "other_task": "another task",
-             "other_task_same_domain": "another task of its domain", "other_domain": "another domain"}
+             "other_task_same_domain": "another task of its domain", "other_domain": "another domain",
+             "to_later_task": "a later task", "to_earlier_task": "an earlier task"}
     parts = [f"{_num(errors[key])} {name}" for key, name in names.items() if key in errors]
     return f"{_num(errors.get('wrong'))} wrong: " + ", ".join(parts)
 

@@ -19,7 +19,7 @@ def test_a_one_task_run_is_scored_with_another_runs_tasks(tmp_path: Path) -> Non
     assert task_of[order[0]] == task_of[order[1]] == 0 and task_of[order[9]] == 4
     sequential = {"config": {"data": {**data, "num_tasks": 5}}, "accuracy_matrix": [[90.0]] * 5, "method": "ham",
                   "last_accuracy": 80.0, "errors": {"images": 100, "wrong": 20.0, "within_task": 5.0,
-                                                    "other_task": 15.0, "confusions": []}}
+                                                    "other_task": 15.0, "confusions": [[0, 1, 5], [9, 0, 10], [2, 8, 5]]}}
     # joint's global classes are the original ones in seed order; two errors inside task 0 of the cut, three across
     joint_order, _, _ = script.scenario({"config": {"data": {**data, "num_tasks": 1}}})
     glob = {c: g for g, c in enumerate(joint_order)}
@@ -31,8 +31,11 @@ def test_a_one_task_run_is_scored_with_another_runs_tasks(tmp_path: Path) -> Non
     rows = script.breakdown([tmp_path / "ham.json", tmp_path / "joint.json"], [tmp_path / "ham.json"])
     assert [r["method"] for r in rows] == ["ham", "joint"]
     assert rows[0]["within_task"] == 5.0 and rows[0]["other_task"] == 15.0 and rows[0]["tasks"] == 5
+    # a sequential run's global classes are in task order: 9 (task 4) -> 0 (task 0) goes to an earlier task
+    assert rows[0]["to_earlier_task"] == 10.0 and rows[0]["to_later_task"] == 5.0
     assert rows[1]["wrong"] == pytest.approx(5.0)
     assert rows[1]["within_task"] == pytest.approx(2.0) and rows[1]["other_task"] == pytest.approx(3.0)
+    assert rows[1]["to_later_task"] == pytest.approx(3.0) and rows[1]["to_earlier_task"] == 0.0
 
 
 def test_a_run_that_keeps_its_class_order_needs_no_data() -> None:

@@ -252,3 +252,6 @@ def test_report_says_where_the_errors_went(tmp_path: Path) -> None:
     assert f"| Errors (% of the last evaluation's images) | {line} |" in write_report(
         results, tmp_path)["report"].read_text(encoding="utf-8")
     assert "Errors" not in write_report(make_results(3), tmp_path / "none")["report"].read_text(encoding="utf-8")
+    results["errors"].update(to_later_task=12.0, to_earlier_task=8.0)
+    later = f"{line}, 12.00 a later task, 8.00 an earlier task |"
+    assert later in write_report(results, tmp_path / "when")["report"].read_text(encoding="utf-8")

@@ -194,7 +194,8 @@ def error_shares(confusions: Sequence[Sequence[int]], images: int, class_task: d
 
     An error is ``within_task`` (a class of the image's own task), else ``other_task``; with ``task_domains`` (the
     source of every task, a mixed-domain scenario) those are split into ``other_task_same_domain`` and
-    ``other_domain``.
+    ``other_domain``. The errors into another task are also split by when that task came: ``to_later_task``
+    (a class learned after the image's own: recency) and ``to_earlier_task``.
     """
     share: dict[str, float] = {}
     for i, k, n in confusions:
@@ -206,6 +207,10 @@ def error_shares(confusions: Sequence[Sequence[int]], images: int, class_task: d
             same = task_domains[class_task[i]] == task_domains[class_task[k]]
             key = "other_task_same_domain" if same else "other_domain"
         share[key] = share.get(key, 0.0) + n
-    keys = ["within_task", *(["other_task"] if task_domains is None else ["other_task_same_domain", "other_domain"])]
+        if key != "within_task" and i in class_task and k in class_task:
+            when = "to_later_task" if class_task[k] > class_task[i] else "to_earlier_task"
+            share[when] = share.get(when, 0.0) + n
+    keys = ["within_task", *(["other_task"] if task_domains is None else ["other_task_same_domain", "other_domain"]),
+            "to_later_task", "to_earlier_task"]
     return {"wrong": 100.0 * sum(n for *_, n in confusions) / max(1, images),
             **{key: 100.0 * share.get(key, 0.0) / max(1, images) for key in keys}}

@@ -79,6 +79,7 @@ def test_error_breakdown_splits_the_wrong_predictions_by_task_and_domain() -> No
     assert errors["images"] == 20 and errors["wrong"] == pytest.approx(30.0)
     assert errors["within_task"] == pytest.approx(10.0) and errors["other_task_same_domain"] == pytest.approx(5.0)
     assert errors["other_domain"] == pytest.approx(15.0) and "other_task" not in errors
+    assert errors["to_later_task"] == pytest.approx(5.0) and errors["to_earlier_task"] == pytest.approx(15.0)
     assert sorted(errors["confusions"]) == [[0, 1, 2], [1, 3, 1], [4, 0, 3]]
     plain = error_breakdown(confmat, class_task)  # no domains: every other task's class counts alike
     assert plain["other_task"] == pytest.approx(20.0) and "other_domain" not in plain
