@@ -112,6 +112,7 @@ def _finish_wandb() -> None:
 def summary_row(results: dict[str, Any]) -> dict[str, Any]:
     """The table's numbers for one method."""
     params = results.get("params", {})
+    errors = results.get("errors") or {}
     return {
         "method": results["method"],
         "last_accuracy": results.get("last_accuracy"),
@@ -122,6 +123,10 @@ def summary_row(results: dict[str, Any]) -> dict[str, Any]:
         "stored_params": params.get("stored_adapter"),
         "wall_time_s": results.get("fit_wall_time_s") or results.get("compare", {}).get("wall_time_s"),
         "incremental_accuracy": results.get("incremental_accuracy"),
+        # where the last evaluation's wrong predictions went (percent of its images; `error_breakdown.py` has more)
+        "errors_within_task": errors.get("within_task"),
+        "errors_to_later_task": errors.get("to_later_task"),
+        "errors_to_earlier_task": errors.get("to_earlier_task"),
     }
 
 
@@ -136,14 +141,17 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Last acc, avg incremental acc, forgetting, BWT (percent), trainable and stored params, wall time."""
+    """Last acc, avg incremental acc, forgetting, BWT (percent), the errors within the image's task and into a
+    later / an earlier task (percent of the images), trainable and stored params, wall time."""
     from ham_lightning.report import markdown_table as table
 
-    header = ["method", "last acc", "avg inc acc", "forgetting", "BWT", "trainable params", "stored params",
-              "wall (s)"]
+    header = ["method", "last acc", "avg inc acc", "forgetting", "BWT", "err. within task",
+              "err. to later / earlier task", "trainable params", "stored params", "wall (s)"]
     return "\n".join(table(header, [
         [r["method"], _fmt(r["last_accuracy"]), _fmt(r["average_incremental_accuracy"]), _fmt(r["forgetting"]),
-         _fmt(r["bwt"]), _fmt(r["trainable_params"]), _fmt(r["stored_params"]), _fmt(r["wall_time_s"], 0)]
+         _fmt(r["bwt"]), _fmt(r.get("errors_within_task")),
+         f"{_fmt(r.get('errors_to_later_task'))} / {_fmt(r.get('errors_to_earlier_task'))}",
+         _fmt(r["trainable_params"]), _fmt(r["stored_params"]), _fmt(r["wall_time_s"], 0)]
         for r in rows]))
 
 

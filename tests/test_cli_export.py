@@ -109,6 +109,10 @@ def test_compare_runs_table_and_plot_from_results_json(tmp_path: Path, capsys: p
     runs = tmp_path / "runs"
     a = _fake_run(runs, "a", "ham", [90.0, 70.0, 60.0])
     b = _fake_run(runs, "b", "seq_lora", [95.0, 50.0, 30.0])
+    results_b = json.loads((b / "results.json").read_text())
+    results_b["errors"] = {"images": 100, "wrong": 70.0, "within_task": 10.0, "to_later_task": 45.0,
+                           "to_earlier_task": 15.0, "confusions": []}
+    (b / "results.json").write_text(json.dumps(results_b))
     (runs / "unfinished" / "checkpoints").mkdir(parents=True)
     (runs / "quickstart-predict").mkdir()
     (runs / "quickstart-predict" / "predictions.csv").write_text("task,index\n")
@@ -119,8 +123,9 @@ def test_compare_runs_table_and_plot_from_results_json(tmp_path: Path, capsys: p
     assert f"skipped, not fit runs: {runs / 'quickstart-predict'}" in captured.err
     assert [r["run"] for r in result["rows"]] == ["a", "b"]  # best last accuracy first
     table = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "| a | ham | digits | 3 | 60.00 | 73.33 | 10.00 | -10.00 | 12 |" in table
-    assert "| b | seq_lora |" in table and table.strip() in captured.out
+    assert "| a | ham | digits | 3 | 60.00 | 73.33 | 10.00 | -10.00 | - | - / - | 12 |" in table  # no errors kept
+    assert "| b | seq_lora | digits | 3 | 30.00 | 58.33 | 10.00 | -10.00 | 10.00 | 45.00 / 15.00 | 12 |" in table
+    assert table.strip() in captured.out
     with Image.open(tmp_path / "cmp" / "compare.png") as image:
         assert image.size[0] > 500
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())[1]["last_accuracy"] == 30.0

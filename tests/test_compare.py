@@ -42,12 +42,16 @@ def test_compare_two_methods_two_tasks_writes_json_table_and_resumes(tmp_path: P
         assert 0 <= r["last_accuracy"] <= 100 and len(r["incremental_accuracy"]) == 2
         assert r["forgetting"] is not None and r["bwt"] is not None
         assert r["trainable_params"] > 0 and r["stored_params"] > 0 and r["wall_time_s"] > 0
+        wrong = 100.0 - r["last_accuracy"]  # every wrong prediction is within its task or into another one
+        split = r["errors_within_task"] + r["errors_to_later_task"] + r["errors_to_earlier_task"]
+        assert split == pytest.approx(wrong, abs=1e-6)
     per_method = json.loads((out / "T2" / "merge_average.json").read_text())
     assert per_method["config"]["model"]["ham"]["method"] == "merge_average"
     assert per_method["config"]["model"]["ham"]["max_groups"] == 1
     assert len(per_method["accuracy_matrix"]) == 2
     table = (out / "compare.md").read_text()
     assert "| method | last acc |" in table and "| ham |" in table and "| merge_average |" in table
+    assert "| err. within task | err. to later / earlier task |" in table
     assert (out / "accuracy_after_each_task.png").exists()
     assert list((runs / "T2" / "ham" / "wandb").glob("offline-run-*"))  # each run logged to W&B offline
 

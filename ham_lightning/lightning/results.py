@@ -297,20 +297,26 @@ def comparison_row(results: dict[str, Any]) -> dict[str, Any]:
         "bwt": results.get("bwt"),
         "wall_time_s": wall,
         "incremental_accuracy": results.get("incremental_accuracy") or [],
+        # where the last evaluation's wrong predictions went (percent of its images; see `error_breakdown`)
+        **{f"errors_{k}": (results.get("errors") or {}).get(k) for k in ("within_task", "to_later_task",
+                                                                          "to_earlier_task")},
     }
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table: run, method, data set, tasks, last / average incremental accuracy, forgetting, BWT, time."""
+    """A Markdown table: run, method, data set, tasks, last / average incremental accuracy, forgetting, BWT, the
+    errors within the image's task and into a later / an earlier task, time."""
     def num(value: Any, digits: int = 2) -> str:
         return "-" if value is None else f"{float(value):.{digits}f}"
 
     lines = ["| run | method | data set | tasks | last acc (%) | avg inc acc (%) | forgetting (pp) | BWT (pp) | "
-             "wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
+             "err. within task (%) | err. to later / earlier task (%) | wall (s) |", "|---" * 11 + "|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['method'] or '-'} | {r['dataset'] or '-'} | {r['tasks']} | "
                      f"{num(r['last_accuracy'])} | {num(r['average_incremental_accuracy'])} | "
-                     f"{num(r['forgetting'])} | {num(r['bwt'])} | {num(r['wall_time_s'], 0)} |")
+                     f"{num(r['forgetting'])} | {num(r['bwt'])} | {num(r.get('errors_within_task'))} | "
+                     f"{num(r.get('errors_to_later_task'))} / {num(r.get('errors_to_earlier_task'))} | "
+                     f"{num(r['wall_time_s'], 0)} |")
     return "\n".join(lines)
 
 
