@@ -118,6 +118,8 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
 def ablate(variants: Sequence[str], config: str, num_tasks: int, out: Path, validation: float | None,
            extra: Sequence[str] = (), runs_dir: Path | None = None) -> list[dict[str, Any]]:
     """Run (or reuse) each variant and write the table; returns its rows."""
+    from ham_lightning.lightning.results import results_json
+
     os.environ.setdefault("WANDB_MODE", "offline")
     unknown = [v for v in variants if v not in ABLATIONS]
     if unknown:
@@ -142,7 +144,7 @@ def ablate(variants: Sequence[str], config: str, num_tasks: int, out: Path, vali
                 print(f"[ablate] {variant} FAILED: {failed[variant]}", flush=True)
                 continue
             results["variant"] = variant
-            path.write_text(json.dumps(results, indent=2))
+            path.write_text(results_json(results))
         rows.append({**summary_row(results), "variant": variant,
                      "assignment": (results.get("groups") or {}).get("assignment")})
         print(f"[ablate] {variant}: last {rows[-1]['last_accuracy']:.2f} avg "

@@ -204,6 +204,8 @@ def compare(methods: Sequence[str], num_tasks: Sequence[int], out: Path, config:
             extra: Sequence[str] = (), runs_dir: Path | None = None, name: str | None = None,
             head: str | None = None) -> dict[str, Any]:
     """Run (or resume) the comparison and write ``compare.json``, ``compare.md`` and the plots to ``out``."""
+    from ham_lightning.lightning.results import results_json
+
     os.environ.setdefault("WANDB_MODE", "offline")
     for m in methods:
         method_args(m)  # unknown names fail before anything runs
@@ -224,11 +226,11 @@ def compare(methods: Sequence[str], num_tasks: Sequence[int], out: Path, config:
                 print(f"[compare] {m} at {t} task(s): running")
                 results = run_method(m, t, config, extra, runs_dir / f"T{t}", group=f"{name}-T{n}", head=head)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(results, indent=2))
+                path.write_text(results_json(results))
             rows.append(summary_row(results))
         comparison["runs"][str(n)] = rows
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(comparison, indent=2))
+    (out / "compare.json").write_text(results_json(comparison))
     md = [f"# {name}", "", f"Config: `{config}`; extra arguments: `{' '.join(extra) or 'none'}`.", ""]
     for n, rows in comparison["runs"].items():
         md += [f"## {n} tasks", "", markdown_table(rows), ""]

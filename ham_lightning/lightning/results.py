@@ -131,7 +131,7 @@ class RunResults(Callback):
         run_dir = self.run_dir(trainer)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "results.json"
-        self.path.write_text(json.dumps(_jsonable(results), indent=2))
+        self.path.write_text(results_json(results))
         files: dict[str, Path] = {}
         if self.write_report:
             files = report.write_report(results, run_dir)
@@ -168,6 +168,22 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
     return str(value)
+
+
+def results_json(value: Any, indent: int = 2) -> str:
+    """`_jsonable(value)` as indented JSON with every list of plain values on one line: an accuracy matrix a row a
+    line, ``errors``' confusions a ``[true, predicted, count]`` a line (not one number a line, as ``indent`` alone)."""
+
+    def write(v: Any, level: int) -> str:
+        pad, inner = " " * (indent * level), " " * (indent * (level + 1))
+        if isinstance(v, dict) and v:
+            items = [f"{inner}{json.dumps(k)}: {write(x, level + 1)}" for k, x in v.items()]
+            return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+        if isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v):
+            return "[\n" + ",\n".join(f"{inner}{write(x, level + 1)}" for x in v) + f"\n{pad}]"
+        return json.dumps(v)
+
+    return write(_jsonable(value), 0)
 
 
 class TaskLines(Callback):
@@ -256,7 +272,7 @@ class TestResults(Callback):
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)
         self.path = self.dirpath / "test_results.json"
-        self.path.write_text(json.dumps(_jsonable(self.results), indent=2))
+        self.path.write_text(results_json(self.results))
         per_task = " ".join(f"{100.0 * c / n:.1f}" if n else "-" for c, n in rows)
         rank_zero_info(f"test of {len(rows)} task{'s' if len(rows) != 1 else ''}: accuracy on seen classes "
                        f"{self.results['accuracy_seen']:.2f}% (per task: {per_task})\nResults: {self.path}")
@@ -334,7 +350,7 @@ def compare_runs(paths: list[str | Path], out: str | Path | None = None) -> dict
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.md").write_text(table + "\n")
-        (out / "compare.json").write_text(json.dumps(_jsonable(rows), indent=2))
+        (out / "compare.json").write_text(results_json(rows))
         result["files"] = {"table": str(out / "compare.md"), "json": str(out / "compare.json"),
                            "plot": str(_comparison_plot(rows, out / "compare.png"))}
     return result
