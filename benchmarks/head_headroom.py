@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stale_statistics import heldout_fit  # noqa: E402
 
 
 @torch.no_grad()
@@ -64,15 +67,10 @@ def logistic_head(x: Tensor, y: Tensor, classes: Tensor, weight_decay: float, st
 
 def run(config: str, num_tasks: int, validation: float, weight_decay: float, steps: int,
         extra: Sequence[str]) -> dict[str, Any]:
-    from ham_lightning.cli.app import cli
     from ham_lightning.lightning.evaluation import error_shares
 
-    os.environ.setdefault("WANDB_MODE", "offline")
     start = time.perf_counter()
-    app = cli(["fit", "--config", config, f"--data.num_tasks={num_tasks}", f"--data.validation_fraction={validation}",
-               "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
-               "--run_name", f"head_headroom_T{num_tasks}", *extra])
-    fit_s = time.perf_counter() - start
+    app, fit_s = heldout_fit(config, num_tasks, validation, extra, "head_headroom")
     model, dm = app.model, app.datamodule
     train_loaders = []
     for task in range(num_tasks):

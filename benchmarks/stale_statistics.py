@@ -69,15 +69,21 @@ def refit_head(model: Any, dm: Any, num_tasks: int) -> Any:
     return fresh
 
 
-def run(config: str, num_tasks: int, validation: float, extra: Sequence[str]) -> dict[str, Any]:
+def heldout_fit(config: str, num_tasks: int, validation: float, extra: Sequence[str], name: str) -> tuple[Any, float]:
+    """One ``ham-lightning fit`` of ``config`` on held-out training images (no checkpoints, no progress bars),
+    named ``<name>_T<num_tasks>``: the CLI app (its model and datamodule as the fit left them) and its seconds."""
     from ham_lightning.cli.app import cli
 
     os.environ.setdefault("WANDB_MODE", "offline")
     start = time.perf_counter()
     app = cli(["fit", "--config", config, f"--data.num_tasks={num_tasks}", f"--data.validation_fraction={validation}",
                "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
-               "--run_name", f"stale_statistics_T{num_tasks}", *extra])
-    fit_s = time.perf_counter() - start
+               "--run_name", f"{name}_T{num_tasks}", *extra])
+    return app, time.perf_counter() - start
+
+
+def run(config: str, num_tasks: int, validation: float, extra: Sequence[str]) -> dict[str, Any]:
+    app, fit_s = heldout_fit(config, num_tasks, validation, extra, "stale_statistics")
     model, dm = app.model, app.datamodule
     as_trained = accuracy(model, dm, num_tasks)
     fresh = refit_head(model, dm, num_tasks)
