@@ -67,7 +67,9 @@ def logistic_head(x: Tensor, y: Tensor, classes: Tensor, weight_decay: float, st
 
 def run(config: str, num_tasks: int, validation: float, weight_decay: float, steps: int,
         extra: Sequence[str]) -> dict[str, Any]:
-    from ham_lightning.lightning.evaluation import error_shares
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    from ham_lightning.lightning.evaluation import error_breakdown
 
     start = time.perf_counter()
     app, fit_s = heldout_fit(config, num_tasks, validation, extra, "head_headroom")
@@ -85,12 +87,9 @@ def run(config: str, num_tasks: int, validation: float, weight_decay: float, ste
     W, b = logistic_head(x, y, classes, weight_decay, steps)
     pred = classes[(xt @ W + b).argmax(1)]
     class_task = {c: t for t in range(num_tasks) for c in dm.task_classes(t)}
-    confusions: dict[tuple[int, int], int] = {}
-    for i, k in zip(yt.tolist(), pred.tolist()):
-        if i != k:
-            confusions[(i, k)] = confusions.get((i, k), 0) + 1
-    shares = error_shares([[i, k, n] for (i, k), n in confusions.items()], len(yt), class_task,
-                          getattr(dm, "task_domains", None))
+    confmat = MulticlassConfusionMatrix(dm.num_classes, validate_args=False)(pred, yt)
+    shares = error_breakdown(confmat, class_task, getattr(dm, "task_domains", None))
+    shares.pop("confusions")
     kept = [c.results() for c in app.trainer.callbacks if callable(getattr(c, "results", None))]  # the run's own
     own = next((r for r in kept if isinstance(r, dict) and "last_accuracy" in r), None)
     return {"config": config, "num_tasks": num_tasks, "validation_fraction": validation, "extra": list(extra),
