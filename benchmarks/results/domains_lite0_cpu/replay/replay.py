@@ -16,6 +16,7 @@ The statistics head is untouched (fitted as in the config). Runs `benchmarks/abl
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -65,6 +66,4 @@ def training_step(self: HAMModule, batch: tuple[Any, torch.Tensor], batch_idx: i
 if __name__ == "__main__":
     HAMModule.training_step = training_step  # type: ignore[method-assign]
     sys.path.insert(0, str(Path("benchmarks").resolve()))
-    import importlib
-
     importlib.import_module(os.environ.get("REPLAY_SCRIPT", "ablate")).main(sys.argv[1:])
